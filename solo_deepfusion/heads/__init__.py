@@ -1,0 +1,41 @@
+"""Host-free projection heads: plain PyTorch, usable in any training loop."""
+
+from solo_deepfusion.heads.cost import count_parameters, forward_flops
+from solo_deepfusion.heads.distributed import gather_tokens
+from solo_deepfusion.heads.mlp import SOLO_MLP_LAYOUTS, MLPLayout, MLPProjector, solo_mlp
+from solo_deepfusion.heads.registry import (
+    PRESETS,
+    TransformerHeadConfig,
+    build_projector,
+    list_projectors,
+    register_projector,
+    transformer_config,
+)
+from solo_deepfusion.heads.transformer import (
+    CONTEXTS,
+    MASKS,
+    NORMS,
+    TransformerProjector,
+    attention_mask,
+)
+
+__all__ = [
+    "CONTEXTS",
+    "MASKS",
+    "NORMS",
+    "PRESETS",
+    "SOLO_MLP_LAYOUTS",
+    "MLPLayout",
+    "MLPProjector",
+    "TransformerHeadConfig",
+    "TransformerProjector",
+    "attention_mask",
+    "build_projector",
+    "count_parameters",
+    "forward_flops",
+    "gather_tokens",
+    "list_projectors",
+    "register_projector",
+    "solo_mlp",
+    "transformer_config",
+]

@@ -1,0 +1,36 @@
+"""What a head costs: parameters and forward FLOPs for ``T`` tokens."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_parameters(module: nn.Module, *, trainable_only: bool = False) -> int:
+    """Number of parameters of ``module`` (only those with ``requires_grad`` if asked)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def forward_flops(module: nn.Module, num_tokens: int, *, num_views: int = 1) -> int:
+    """FLOPs (multiply-add = 2) of one forward pass of a head on ``num_tokens`` tokens.
+
+    Counted by ``torch.utils.flop_counter`` on a real forward. SDPA runs on its math backend
+    here so that the attention matmuls are counted on every device (the fused CPU kernel has
+    no FLOP formula); the count is the same for every backend.
+    """
+    in_dim = getattr(module, "in_dim", None)
+    if in_dim is None:
+        raise ValueError("module has no `in_dim` attribute: build it with build_projector")
+    param = next(module.parameters())
+    x = torch.randn(num_tokens, in_dim, device=param.device, dtype=param.dtype)
+    kwargs = {"num_views": num_views} if hasattr(module, "blocks") else {}
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+            module(x, **kwargs)
+    finally:
+        module.train(was_training)
+    return fc.get_total_flops()

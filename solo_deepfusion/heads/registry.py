@@ -1,0 +1,149 @@
+"""Projector registry: ``build_projector(name, in_dim, hidden_dim, out_dim, **cfg)``.
+
+Example::
+
+    head = build_projector("transformer", 512, 2048, 256, preset="small", depth=6)
+    mlp = build_projector("mlp", 512, 2048, 256, layout="byol")
+    twin = build_projector("mlp_matched", 512, 2048, 256, preset="paper")  # same #params
+
+New heads register with the decorator::
+
+    @register_projector("my_head")
+    def my_head(in_dim, hidden_dim, out_dim, **cfg) -> nn.Module: ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from solo_deepfusion.heads.cost import count_parameters
+from solo_deepfusion.heads.mlp import (
+    SOLO_MLP_LAYOUTS,
+    MLPProjector,
+    matched_hidden_dim,
+)
+from solo_deepfusion.heads.transformer import TransformerProjector, check_choice
+
+ProjectorBuilder = Callable[..., nn.Module]
+_PROJECTORS: dict[str, ProjectorBuilder] = {}
+
+
+@dataclass(frozen=True)
+class TransformerHeadConfig:
+    """Every field of ``TransformerProjector`` that a config may set."""
+
+    dim: int = 256
+    depth: int = 10
+    heads: int = 16
+    ffn_dim: int = 1024
+    norm: str = "post"
+    activation: str = "gelu"
+    dropout: float = 0.0
+    context: str = "joint"
+    mask: str = "none"
+    gather_distributed: bool = True
+
+
+PRESETS: dict[str, TransformerHeadConfig] = {
+    # The authors' TransFusionModel defaults (paper-notes §1.2).
+    "paper": TransformerHeadConfig(),
+    # Cheap enough for CPU runs; 4 layers still show how attention changes with depth.
+    "small": TransformerHeadConfig(dim=128, depth=4, heads=4, ffn_dim=512),
+}
+
+
+def transformer_config(preset: str = "paper", **overrides: Any) -> TransformerHeadConfig:
+    """The ``preset`` with ``overrides`` applied; ``None`` values keep the preset's value."""
+    check_choice("preset", preset, tuple(PRESETS))
+    fields = {f.name for f in dataclasses.fields(TransformerHeadConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown transformer field(s) {unknown}; known fields: {sorted(fields)}")
+    return dataclasses.replace(
+        PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}
+    )
+
+
+def register_projector(name: str) -> Callable[[ProjectorBuilder], ProjectorBuilder]:
+    """Decorator adding a builder ``fn(in_dim, hidden_dim, out_dim, **cfg)`` under ``name``."""
+
+    def add(fn: ProjectorBuilder) -> ProjectorBuilder:
+        if name in _PROJECTORS and _PROJECTORS[name] is not fn:
+            raise ValueError(f"projector {name!r} is already registered")
+        _PROJECTORS[name] = fn
+        return fn
+
+    return add
+
+
+def list_projectors() -> list[str]:
+    return sorted(_PROJECTORS)
+
+
+def build_projector(name: str, in_dim: int, hidden_dim: int, out_dim: int, **cfg: Any) -> nn.Module:
+    """Build the projector registered as ``name``."""
+    if name not in _PROJECTORS:
+        raise ValueError(f"unknown projector {name!r}; known projectors: {list_projectors()}")
+    return _PROJECTORS[name](in_dim, hidden_dim, out_dim, **cfg)
+
+
+@register_projector("transformer")
+def transformer(
+    in_dim: int,
+    hidden_dim: int,
+    out_dim: int,
+    *,
+    preset: str = "paper",
+    tail: nn.Module | None = None,
+    **fields: Any,
+) -> TransformerProjector:
+    """The Deep Fusion head; ``hidden_dim`` is unused (the width is the preset's ``dim``)."""
+    del hidden_dim
+    config = transformer_config(preset, **fields)
+    return TransformerProjector(in_dim, out_dim, tail=tail, **dataclasses.asdict(config))
+
+
+@register_projector("mlp")
+def mlp(
+    in_dim: int, hidden_dim: int, out_dim: int, *, layout: str = "simclr", **fields: Any
+) -> MLPProjector:
+    """solo-learn's projector of method ``layout``; ``fields`` override the layout."""
+    check_choice("layout", layout, tuple(SOLO_MLP_LAYOUTS))
+    kwargs = {**dataclasses.asdict(SOLO_MLP_LAYOUTS[layout]), **fields}
+    return MLPProjector(in_dim, hidden_dim, out_dim, **kwargs)
+
+
+@register_projector("mlp_matched")
+def mlp_matched(
+    in_dim: int,
+    hidden_dim: int,
+    out_dim: int,
+    *,
+    num_layers: int = 3,
+    batch_norm: bool = True,
+    activation: str = "relu",
+    preset: str = "paper",
+    **fields: Any,
+) -> MLPProjector:
+    """An MLP with as many parameters as ``transformer(preset, **fields)`` (within 5%).
+
+    ``hidden_dim`` is replaced by the width that matches the transformer's parameter count,
+    so accuracy gains of the transformer can be told apart from added capacity.
+    """
+    del hidden_dim
+    fields.pop("tail", None)
+    target = count_parameters(transformer(in_dim, 0, out_dim, preset=preset, **fields))
+    width = matched_hidden_dim(target, in_dim, out_dim, num_layers, batch_norm)
+    return MLPProjector(
+        in_dim,
+        width,
+        out_dim,
+        num_layers=num_layers,
+        batch_norm=batch_norm,
+        activation=activation,
+    )

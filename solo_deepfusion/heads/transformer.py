@@ -1,0 +1,238 @@
+"""The Deep Fusion projection head: a transformer whose tokens are the samples of the batch.
+
+Example::
+
+    head = TransformerProjector(512, 128, dim=128, depth=4, heads=4, ffn_dim=512)
+    feats = torch.randn(2 * 256, 512)          # two views of 256 samples, view-major
+    z = head(feats, num_views=2)               # (512, 128); every row attended to all 512 rows
+    z, maps = head(feats, num_views=2, return_attention=True)   # maps[l]: (heads, 512, 512)
+
+There is no positional encoding, so the head is permutation-equivariant over samples.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from solo_deepfusion.heads.distributed import distributed_world, gather_tokens
+
+CONTEXTS = ("joint", "view")
+MASKS = ("none", "self", "positives")
+NORMS = ("post", "pre")
+ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
+
+
+def check_choice(field: str, value: object, allowed: tuple[str, ...] | list[str]) -> None:
+    """Raise a ``ValueError`` naming ``field`` and the allowed values unless ``value`` is one."""
+    if value not in allowed:
+        raise ValueError(f"{field}={value!r} is not supported; choose one of {sorted(allowed)}")
+
+
+@functools.lru_cache(maxsize=16)
+def attention_mask(
+    mask: str,
+    num_tokens: int,
+    num_views: int,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """Boolean ``(T_local, T_global)`` mask, ``True`` where a query may attend, or ``None``.
+
+    Rank ``r`` holds tokens ``r*T .. (r+1)*T-1`` of the gathered sequence; within a rank the
+    tokens are view-major, so local token ``t`` is sample ``t % (T // num_views)`` of that rank.
+    ``self`` hides a token from itself; ``positives`` also hides the other views of its sample.
+    """
+    if mask == "none":
+        return None
+    per_view = num_tokens // num_views
+    local = torch.arange(num_tokens, device=device)
+    keys = torch.arange(num_tokens * world_size, device=device)
+    if mask == "self":
+        return keys[None, :] != (local + rank * num_tokens)[:, None]
+    query_sample = rank * per_view + local % per_view
+    key_sample = (keys // num_tokens) * per_view + (keys % num_tokens) % per_view
+    return key_sample[None, :] != query_sample[:, None]
+
+
+class BatchSelfAttention(nn.Module):
+    """Multi-head softmax self-attention across the rows (samples) of a ``(T, dim)`` input.
+
+    Queries are this rank's tokens; keys and values are gathered from every rank when
+    ``gather_distributed`` is set, so the context is the global batch.
+    """
+
+    def __init__(self, dim: int, heads: int, dropout: float, gather_distributed: bool) -> None:
+        super().__init__()
+        self.heads = heads
+        self.dropout = dropout
+        self.gather_distributed = gather_distributed
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        nn.init.xavier_uniform_(self.qkv.weight)
+        nn.init.zeros_(self.qkv.bias)
+
+    def forward(
+        self, x: torch.Tensor, allowed: torch.Tensor | None, need_weights: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        if self.gather_distributed:
+            k, v = gather_tokens(torch.cat([k, v], dim=-1)).chunk(2, dim=-1)
+        # (T, dim) -> (heads, T, head_dim)
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(0, 1) for t in (q, k, v))
+        dropout = self.dropout if self.training else 0.0
+        weights = None
+        if need_weights:
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+            if allowed is not None:
+                scores = scores.masked_fill(~allowed, float("-inf"))
+            weights = scores.softmax(dim=-1)
+            out = F.dropout(weights, dropout, self.training) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)
+        return self.proj(out.transpose(0, 1).flatten(1)), weights
+
+
+class FeedForward(nn.Sequential):
+    def __init__(self, dim: int, ffn_dim: int, activation: str, dropout: float) -> None:
+        super().__init__(
+            nn.Linear(dim, ffn_dim),
+            ACTIVATIONS[activation](),
+            nn.Dropout(dropout),
+            nn.Linear(ffn_dim, dim),
+        )
+
+
+class FusionBlock(nn.Module):
+    """Attention + feed-forward with residuals; LayerNorm after (``post``) or before (``pre``)."""
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        ffn_dim: int,
+        norm: str,
+        activation: str,
+        dropout: float,
+        gather_distributed: bool,
+    ) -> None:
+        super().__init__()
+        self.pre_norm = norm == "pre"
+        self.attn = BatchSelfAttention(dim, heads, dropout, gather_distributed)
+        self.ffn = FeedForward(dim, ffn_dim, activation, dropout)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(
+        self, x: torch.Tensor, allowed: torch.Tensor | None, need_weights: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.pre_norm:
+            attended, weights = self.attn(self.norm1(x), allowed, need_weights)
+            x = x + self.drop(attended)
+            return x + self.drop(self.ffn(self.norm2(x))), weights
+        attended, weights = self.attn(x, allowed, need_weights)
+        x = self.norm1(x + self.drop(attended))
+        return self.norm2(x + self.drop(self.ffn(x))), weights
+
+
+class TransformerProjector(nn.Module):
+    """Deep Fusion head: ``Linear(in_dim, dim)`` -> ``depth`` blocks -> ``Linear(dim, out_dim)``.
+
+    Args:
+        in_dim: feature size of the backbone (``F``).
+        out_dim: output size; keep the recipe's ``proj_output_dim``.
+        dim, depth, heads, ffn_dim: width, number of blocks, attention heads, FFN hidden size.
+        norm: ``"post"`` (the authors') or ``"pre"`` LayerNorm placement.
+        activation: FFN activation, one of ``ACTIVATIONS``.
+        dropout: dropout on attention weights, residual branches and the FFN.
+        context: which samples share a sequence, read by the host integration: ``"joint"``
+            (all large crops of a step) or ``"view"`` (one crop's batch).
+        mask: ``"none"``, ``"self"`` (no attention to itself) or ``"positives"`` (nor to the
+            other views of its own sample).
+        gather_distributed: under ``torch.distributed``, attend over the global batch.
+        check_inputs: validate shapes and finiteness on every call (one host sync on GPU).
+        tail: optional module applied to the output, e.g. a method's final ``BatchNorm1d``.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        *,
+        dim: int = 256,
+        depth: int = 10,
+        heads: int = 16,
+        ffn_dim: int = 1024,
+        norm: str = "post",
+        activation: str = "gelu",
+        dropout: float = 0.0,
+        context: str = "joint",
+        mask: str = "none",
+        gather_distributed: bool = True,
+        check_inputs: bool = True,
+        tail: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        check_choice("norm", norm, NORMS)
+        check_choice("activation", activation, tuple(ACTIVATIONS))
+        check_choice("context", context, CONTEXTS)
+        check_choice("mask", mask, MASKS)
+        for field, value in (("in_dim", in_dim), ("out_dim", out_dim), ("dim", dim)):
+            if value < 1:
+                raise ValueError(f"{field} must be a positive integer, got {value}")
+        if heads < 1 or dim % heads:
+            raise ValueError(f"dim={dim} must be divisible by heads={heads}")
+        if depth < 0:
+            raise ValueError(f"depth must be >= 0, got {depth}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.in_dim, self.out_dim, self.dim = in_dim, out_dim, dim
+        self.context, self.mask = context, mask
+        self.gather_distributed = gather_distributed
+        self.check_inputs = check_inputs
+        self.in_proj = nn.Linear(in_dim, dim)
+        self.blocks = nn.ModuleList(
+            FusionBlock(dim, heads, ffn_dim, norm, activation, dropout, gather_distributed)
+            for _ in range(depth)
+        )
+        self.final_norm = nn.LayerNorm(dim) if norm == "pre" else nn.Identity()
+        self.out_proj = nn.Linear(dim, out_dim)
+        self.tail = tail if tail is not None else nn.Identity()
+
+    def _validate(self, x: torch.Tensor, num_views: int, world_size: int) -> None:
+        if x.ndim != 2 or x.shape[1] != self.in_dim:
+            raise ValueError(
+                f"x must be (T, in_dim={self.in_dim}) pooled features, got {tuple(x.shape)}"
+            )
+        if num_views < 1 or x.shape[0] % num_views:
+            raise ValueError(
+                f"num_views={num_views} must divide the number of tokens T={x.shape[0]}"
+            )
+        if self.training and x.shape[0] * world_size < 2:
+            raise ValueError(f"training needs at least 2 tokens, got T={x.shape[0]}")
+        samples = x.shape[0] * world_size // (num_views if self.mask == "positives" else 1)
+        if self.mask != "none" and samples < 2:
+            raise ValueError(f"mask={self.mask!r} needs at least 2 samples: every key is masked")
+        if not torch.isfinite(x).all():
+            raise ValueError("x contains NaN or Inf values")
+
+    def forward(
+        self, x: torch.Tensor, *, num_views: int = 1, return_attention: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        rank, world_size = distributed_world() if self.gather_distributed else (0, 1)
+        if self.check_inputs:
+            self._validate(x, num_views, world_size)
+        allowed = attention_mask(self.mask, x.shape[0], num_views, rank, world_size, x.device)
+        maps = []
+        h = self.in_proj(x)
+        for block in self.blocks:
+            h, weights = block(h, allowed, return_attention)
+            maps.append(weights)
+        out = self.tail(self.out_proj(self.final_norm(h)))
+        return (out, maps) if return_attention else out

@@ -1,0 +1,334 @@
+"""The host-free heads: TransformerProjector, the MLP baselines, the registry, costs."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from solo_deepfusion.heads import (
+    MASKS,
+    PRESETS,
+    MLPProjector,
+    TransformerProjector,
+    build_projector,
+    count_parameters,
+    forward_flops,
+    list_projectors,
+    solo_mlp,
+    transformer_config,
+)
+
+TINY = {"dim": 32, "depth": 2, "heads": 4, "ffn_dim": 64}
+
+
+def tiny_head(**kwargs) -> TransformerProjector:
+    torch.manual_seed(0)
+    return TransformerProjector(24, 16, **{**TINY, **kwargs})
+
+
+def reference_forward(head: TransformerProjector, x: torch.Tensor, num_views: int):
+    """The head computed naively in float64: explicit softmax(QK^T/sqrt(d)) V per head."""
+    head = head.double()
+    x = x.double()
+    tokens, per_view = x.shape[0], x.shape[0] // num_views
+    sample = torch.arange(tokens) % per_view
+    allowed = torch.ones(tokens, tokens, dtype=torch.bool)
+    if head.mask == "self":
+        allowed = ~torch.eye(tokens, dtype=torch.bool)
+    elif head.mask == "positives":
+        allowed = sample[:, None] != sample[None, :]
+    maps = []
+    h = head.in_proj(x)
+    for block in head.blocks:
+        attn = block.attn
+        inp = block.norm1(h) if block.pre_norm else h
+        q, k, v = attn.qkv(inp).chunk(3, dim=-1)
+        hd = q.shape[-1] // attn.heads
+        outs, layer_maps = [], []
+        for i in range(attn.heads):
+            qi, ki, vi = (t[:, i * hd : (i + 1) * hd] for t in (q, k, v))
+            scores = (qi @ ki.T) / math.sqrt(hd)
+            scores = scores.masked_fill(~allowed, float("-inf"))
+            weights = torch.exp(scores - scores.max(dim=1, keepdim=True).values)
+            weights = weights / weights.sum(dim=1, keepdim=True)
+            layer_maps.append(weights)
+            outs.append(weights @ vi)
+        attended = attn.proj(torch.cat(outs, dim=1))
+        if block.pre_norm:
+            h = h + attended
+            h = h + block.ffn(block.norm2(h))
+        else:
+            h = block.norm1(h + attended)
+            h = block.norm2(h + block.ffn(h))
+        maps.append(torch.stack(layer_maps))
+    return head.out_proj(head.final_norm(h)), maps
+
+
+@pytest.mark.parametrize("num_views", [1, 2, 3])
+@pytest.mark.parametrize("return_attention", [False, True])
+def test_output_and_map_shapes(num_views, return_attention):
+    head = tiny_head()
+    x = torch.randn(num_views * 5, 24)
+    result = head(x, num_views=num_views, return_attention=return_attention)
+    out, maps = result if return_attention else (result, None)
+    assert out.shape == (num_views * 5, 16)
+    if return_attention:
+        assert len(maps) == 2
+        assert all(m.shape == (4, num_views * 5, num_views * 5) for m in maps)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_presets_build_the_documented_shapes(preset):
+    head = build_projector("transformer", 512, 2048, 256, preset=preset)
+    config = PRESETS[preset]
+    assert head.dim == config.dim and len(head.blocks) == config.depth
+    assert head.blocks[0].attn.heads == config.heads
+    assert head.blocks[0].ffn[0].out_features == config.ffn_dim
+    assert head(torch.randn(8, 512), num_views=2).shape == (8, 256)
+
+
+def test_paper_preset_is_the_authors_setting():
+    paper = PRESETS["paper"]
+    assert (paper.dim, paper.depth, paper.heads, paper.ffn_dim) == (256, 10, 16, 1024)
+    assert (paper.norm, paper.activation, paper.context, paper.mask) == (
+        "post",
+        "gelu",
+        "joint",
+        "none",
+    )
+
+
+@pytest.mark.parametrize("mask", MASKS)
+def test_permutation_equivariance_over_samples(mask):
+    head = tiny_head(mask=mask).eval()
+    views, per_view = 2, 6
+    x = torch.randn(views * per_view, 24)
+    perm = torch.randperm(per_view)
+    # the same sample permutation in every view keeps the view-major layout
+    token_perm = torch.cat([perm + v * per_view for v in range(views)])
+    out = head(x, num_views=views)
+    out_perm = head(x[token_perm], num_views=views)
+    torch.testing.assert_close(out_perm, out[token_perm], rtol=1e-5, atol=1e-5)
+
+
+def test_unmasked_head_is_equivariant_to_any_token_permutation():
+    head = tiny_head().eval()
+    x = torch.randn(10, 24)
+    perm = torch.randperm(10)
+    torch.testing.assert_close(head(x)[perm], head(x[perm]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("num_views", [1, 2])
+def test_masked_entries_get_exactly_zero_and_rows_sum_to_one(mask, num_views):
+    per_view = 5
+    head = tiny_head(mask=mask)
+    _, maps = head(
+        torch.randn(num_views * per_view, 24), num_views=num_views, return_attention=True
+    )
+    tokens = num_views * per_view
+    sample = torch.arange(tokens) % per_view
+    same_token = torch.eye(tokens, dtype=torch.bool)
+    same_sample = sample[:, None] == sample[None, :]
+    for layer in maps:
+        torch.testing.assert_close(layer.sum(-1), torch.ones(4, tokens))
+        if mask == "self":
+            assert torch.all(layer[:, same_token] == 0)
+            assert torch.all(layer[:, ~same_token] > 0)
+        elif mask == "positives":
+            assert torch.all(layer[:, same_sample] == 0)
+            assert torch.all(layer[:, ~same_sample] > 0)
+        else:
+            assert torch.all(layer > 0)
+
+
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("norm", ["post", "pre"])
+def test_matches_naive_float64_reference(mask, norm):
+    head = tiny_head(mask=mask, norm=norm).eval()
+    x = torch.randn(12, 24)
+    expected, expected_maps = reference_forward(tiny_head(mask=mask, norm=norm).eval(), x, 2)
+    fused = head(x, num_views=2)
+    explicit, maps = head(x, num_views=2, return_attention=True)
+    for out in (fused, explicit):
+        rel = (out.double() - expected).norm() / expected.norm()
+        assert rel < 1e-5
+    for got, want in zip(maps, expected_maps, strict=True):
+        assert (got.double() - want).abs().max() < 1e-5
+
+
+def test_attention_maps_do_not_change_the_output():
+    head = tiny_head().eval()
+    x = torch.randn(9, 24)
+    torch.testing.assert_close(head(x), head(x, return_attention=True)[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("norm", ["post", "pre"])
+@pytest.mark.parametrize("mask", MASKS)
+def test_every_parameter_receives_a_gradient(norm, mask):
+    head = tiny_head(norm=norm, mask=mask, tail=nn.BatchNorm1d(16))
+    head(torch.randn(8, 24), num_views=2).square().sum().backward()
+    missing = [n for n, p in head.named_parameters() if p.grad is None or not p.grad.any()]
+    assert missing == []
+
+
+def test_seeded_construction_and_forward_are_deterministic():
+    x = torch.randn(8, 24)
+    torch.manual_seed(3)
+    a = build_projector("transformer", 24, 0, 16, preset="small", dropout=0.1)
+    torch.manual_seed(3)
+    b = build_projector("transformer", 24, 0, 16, preset="small", dropout=0.1)
+    torch.manual_seed(4)
+    out_a = a(x)
+    torch.manual_seed(4)
+    torch.testing.assert_close(b(x), out_a, rtol=0, atol=0)
+
+
+def test_registry_lists_builtins_and_rejects_unknown_names():
+    assert {"mlp", "mlp_matched", "transformer"} <= set(list_projectors())
+    with pytest.raises(ValueError, match=r"unknown projector 'mlpp'.*mlp_matched"):
+        build_projector("mlpp", 8, 8, 8)
+
+
+def test_preset_fields_are_overridable_and_validated():
+    config = transformer_config("small", depth=6, mask="positives", heads=None)
+    assert (config.depth, config.mask, config.heads) == (6, "positives", PRESETS["small"].heads)
+    with pytest.raises(ValueError, match=r"preset='huge'.*\['paper', 'small'\]"):
+        transformer_config("huge")
+    with pytest.raises(ValueError, match=r"unknown transformer field\(s\) \['layers'\]"):
+        build_projector("transformer", 8, 8, 8, layers=3)
+
+
+def test_mlp_builders_follow_solo_learn_layouts():
+    simclr = build_projector("mlp", 512, 2048, 256)
+    assert [type(m) for m in simclr] == [nn.Linear, nn.ReLU, nn.Linear]
+    byol = solo_mlp("byol", 512, 4096, 256)
+    assert [type(m) for m in byol] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
+    assert count_parameters(byol) == 512 * 4096 + 4096 + 2 * 4096 + 4096 * 256 + 256
+    with pytest.raises(ValueError, match="layout='mae'"):
+        build_projector("mlp", 8, 8, 8, layout="mae")
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("num_layers", [2, 3, 4])
+def test_mlp_matched_has_the_transformers_parameter_count(preset, num_layers):
+    transformer = build_projector("transformer", 512, 2048, 256, preset=preset)
+    matched = build_projector("mlp_matched", 512, 2048, 256, preset=preset, num_layers=num_layers)
+    assert isinstance(matched, MLPProjector)
+    ratio = count_parameters(matched) / count_parameters(transformer)
+    assert abs(ratio - 1) < 0.05
+    assert matched(torch.randn(4, 512)).shape == (4, 256)
+
+
+def test_forward_flops_count_attention_quadratically():
+    head = build_projector("transformer", 512, 0, 256, preset="small")
+    f1, f2, f4 = (forward_flops(head, t) for t in (256, 512, 1024))
+    # linear layers scale with T, attention (QK^T, AV) with T^2: differences grow 2x per step
+    dim, depth = head.dim, len(head.blocks)
+    attention = lambda t: depth * 4 * t * t * dim  # noqa: E731
+    linear = f1 - attention(256)
+    assert linear > 0
+    assert f2 == 2 * linear + attention(512)
+    assert f4 == 4 * linear + attention(1024)
+    mlp = build_projector("mlp", 512, 2048, 256)
+    assert forward_flops(mlp, 512) == 2 * 512 * (512 * 2048 + 2048 * 256)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"dim": 30, "heads": 4}, r"dim=30 must be divisible by heads=4"),
+        ({"context": "global"}, r"context='global'.*\['joint', 'view'\]"),
+        ({"mask": "diag"}, r"mask='diag'.*\['none', 'positives', 'self'\]"),
+        ({"norm": "sandwich"}, r"norm='sandwich'.*\['post', 'pre'\]"),
+        ({"activation": "tanh"}, r"activation='tanh'"),
+        ({"dropout": 1.5}, r"dropout must be in \[0, 1\)"),
+    ],
+)
+def test_bad_configuration_names_the_field(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_head(**kwargs)
+
+
+def test_bad_inputs_name_the_problem():
+    head = tiny_head(mask="positives")
+    with pytest.raises(ValueError, match=r"in_dim=24.*\(6, 25\)"):
+        head(torch.randn(6, 25))
+    with pytest.raises(ValueError, match=r"num_views=4 must divide the number of tokens T=6"):
+        head(torch.randn(6, 24), num_views=4)
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        head(torch.randn(1, 24))
+    with pytest.raises(ValueError, match="needs at least 2 samples"):
+        head(torch.randn(2, 24), num_views=2)
+    bad = torch.randn(6, 24)
+    bad[2, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        head(bad)
+    assert tiny_head().eval()(torch.randn(1, 24)).shape == (1, 16)  # fine at inference
+
+
+# ---- two processes (gloo): attention over the global batch --------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _global_to_rank_order(t: torch.Tensor, world: int, views: int) -> torch.Tensor:
+    """Rows of a view-major global batch, regrouped rank by rank (each rank view-major)."""
+    per_rank = t.shape[0] // (world * views)
+    chunks = t.view(views, world, per_rank, *t.shape[1:])
+    return chunks.transpose(0, 1).reshape(t.shape)
+
+
+def _ddp_worker(rank: int, world: int, port: int, mask: str, outdir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        views, per_rank = 2, 3
+        head = nn.parallel.DistributedDataParallel(tiny_head(mask=mask))
+        x_global, w_global = _global_batch(world, views, per_rank)
+        rows = slice(rank * views * per_rank, (rank + 1) * views * per_rank)
+        x = _global_to_rank_order(x_global, world, views)[rows].clone().requires_grad_()
+        w = _global_to_rank_order(w_global, world, views)[rows]
+        out = head(x, num_views=views)
+        (out * w).sum().backward()
+        grads = {n: p.grad * world for n, p in head.module.named_parameters()}  # DDP averages
+        torch.save((out.detach(), x.grad, grads), os.path.join(outdir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _global_batch(world: int, views: int, per_rank: int):
+    g = torch.Generator().manual_seed(7)
+    tokens = world * views * per_rank
+    return torch.randn(tokens, 24, generator=g), torch.randn(tokens, 16, generator=g)
+
+
+@pytest.mark.parametrize("mask", ["none", "positives"])
+def test_two_gloo_processes_match_one_process_over_the_concatenated_batch(mask, tmp_path):
+    world, views, per_rank = 2, 2, 3
+    mp.spawn(_ddp_worker, args=(world, _free_port(), mask, str(tmp_path)), nprocs=world)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+
+    head = tiny_head(mask=mask)
+    x_global, w_global = _global_batch(world, views, per_rank)
+    x_global.requires_grad_()
+    out = head(x_global, num_views=views)
+    (out * w_global).sum().backward()
+    out_by_rank = _global_to_rank_order(out.detach(), world, views).chunk(world)
+    grad_by_rank = _global_to_rank_order(x_global.grad, world, views).chunk(world)
+    for rank in range(world):
+        torch.testing.assert_close(results[rank][0], out_by_rank[rank], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(results[rank][1], grad_by_rank[rank], rtol=1e-5, atol=1e-5)
+    for name, param in head.named_parameters():
+        torch.testing.assert_close(results[0][2][name], param.grad, rtol=1e-4, atol=1e-5)
