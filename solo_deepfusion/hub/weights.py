@@ -1,0 +1,115 @@
+"""Weights on disk: ``safetensors`` only — pickle-based ``.pt``/``.ckpt``/``.pth`` are refused.
+
+>>> save_state_dict(model.backbone.state_dict(), "backbone.safetensors",
+...                 {"name": "simclr-deepfusion-r18-cifar10"}, half=True)
+>>> state = load_state_dict("backbone.safetensors")
+>>> state, entry = load_backbone_state("simclr-deepfusion-r18-cifar10")   # float32, verified
+>>> backbone.load_state_dict(state, strict=True)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from .download import download
+from .manifest import PathLike, ZooEntry, get_entry
+
+SUFFIX = ".safetensors"
+_FP16_MAX = torch.finfo(torch.float16).max
+
+
+def _require_safetensors(path: PathLike) -> Path:
+    p = Path(path)
+    if not p.name.lower().endswith(SUFFIX):
+        raise ValueError(
+            f"{p}: only {SUFFIX} files are read or written here; pickle-based checkpoints "
+            "(.pt/.pth/.ckpt/.bin) can run code when loaded and are refused"
+        )
+    return p
+
+
+def _metadata_str(metadata: Mapping[str, Any] | None) -> dict[str, str]:
+    """safetensors metadata is ``str -> str``; other values are stored as JSON."""
+    out: dict[str, str] = {}
+    for k, v in (metadata or {}).items():
+        out[str(k)] = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
+    return out
+
+
+def save_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    path: PathLike,
+    metadata: Mapping[str, Any] | None = None,
+    *,
+    half: bool = False,
+) -> Path:
+    """Write ``state_dict`` atomically (temp file + ``os.replace``) to a ``.safetensors`` file.
+
+    ``half=True`` stores float32/float64 tensors as float16 (a value beyond ±65504 is an error,
+    not a silent ``inf``); other dtypes are kept. Non-string metadata values are JSON-encoded.
+    """
+    p = _require_safetensors(path)
+    tensors: dict[str, torch.Tensor] = {}
+    for key, t in state_dict.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"state_dict[{key!r}] is a {type(t).__name__}, not a tensor")
+        t = t.detach().cpu()
+        if half and t.dtype in (torch.float32, torch.float64):
+            if t.numel() and t.abs().max().item() > _FP16_MAX:
+                raise ValueError(
+                    f"state_dict[{key!r}] exceeds the float16 range; save with half=False"
+                )
+            t = t.to(torch.float16)
+        tensors[key] = t.contiguous().clone()  # own storage: safetensors refuses shared memory
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=_metadata_str(metadata))
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return p
+
+
+def load_state_dict(path: PathLike, *, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` file (anything else: ``ValueError``, never unpickled)."""
+    return dict(load_file(_require_safetensors(path), device=device))
+
+
+def read_metadata(path: PathLike) -> dict[str, str]:
+    """The ``str -> str`` metadata header of a ``.safetensors`` file."""
+    with safe_open(str(_require_safetensors(path)), framework="pt") as fh:
+        return dict(fh.metadata() or {})
+
+
+def upcast(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """16-bit float tensors → float32; everything else unchanged."""
+    return {
+        k: v.float() if v.is_floating_point() and v.element_size() < 4 else v
+        for k, v in state_dict.items()
+    }
+
+
+def load_backbone_state(
+    name: str | ZooEntry,
+    cache_dir: PathLike | None = None,
+    *,
+    offline: bool | None = None,
+    progress: bool = True,
+    manifest: PathLike | None = None,
+) -> tuple[dict[str, torch.Tensor], ZooEntry]:
+    """Download (or reuse) an entry's verified backbone file; float32 state dict and the entry."""
+    entry = name if isinstance(name, ZooEntry) else get_entry(name, manifest)
+    path = download(entry, role="backbone", cache_dir=cache_dir, offline=offline, progress=progress)
+    return upcast(load_state_dict(path)), entry

@@ -1,0 +1,39 @@
+"""The solo-learn integration: the only package of solo-deepfusion that imports ``solo``.
+
+``register()`` adds ``<method>_transformer`` and ``<method>_mlp_matched`` to
+``solo.methods.METHODS`` for every method with a projection head.
+"""
+
+from solo_deepfusion._host import host_problem
+
+_problem = host_problem()
+if _problem is not None:
+    raise ImportError(_problem)
+
+from solo.methods import METHODS  # noqa: E402
+
+from solo_deepfusion.solo.variants import (  # noqa: E402
+    HEAD_METHODS,
+    PROJECTORS,
+    base_method,
+    make_variant,
+    variant_name,
+)
+
+
+def register() -> list[str]:
+    """Add every variant to ``solo.methods.METHODS`` (idempotent); return their names."""
+    names = []
+    for method in HEAD_METHODS:
+        for projector in PROJECTORS[1:]:
+            name = variant_name(method, projector)
+            if name not in METHODS:
+                METHODS[name] = make_variant(method, projector)
+                globals()[METHODS[name].__name__] = METHODS[name]  # picklable by name
+            names.append(name)
+    return names
+
+
+register()
+
+__all__ = ["HEAD_METHODS", "PROJECTORS", "base_method", "register", "variant_name"]

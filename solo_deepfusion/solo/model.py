@@ -1,0 +1,66 @@
+"""Build and load solo-learn models (stock or variant) from a cfg, with the stem option."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from solo.methods import METHODS
+from solo.methods.base import BaseMethod
+from solo.utils.misc import omegaconf_select
+from solo.utils.momentum import initialize_momentum_params
+from torch import nn
+
+from solo_deepfusion.heads.transformer import check_choice
+
+STEMS = ("auto", "imagenet", "cifar")
+
+
+def _set_stem(resnet: nn.Module, stem: str) -> None:
+    if stem == "cifar":  # solo-learn's CIFAR stem (solo/methods/base.py)
+        resnet.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=2, bias=False)
+        resnet.maxpool = nn.Identity()
+    else:  # torchvision's ImageNet stem: ~8x fewer activations at 32 px (the authors' setting)
+        resnet.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        resnet.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+
+
+def apply_stem(model: BaseMethod, stem: str) -> None:
+    """Give ResNet backbones the ``imagenet`` or ``cifar`` stem; ``auto`` keeps solo-learn's.
+
+    solo-learn picks the CIFAR stem exactly when ``data.dataset`` is cifar10/100; this option
+    decouples the stem from the data so CPU-scale recipes can choose.
+    """
+    check_choice("backbone.stem", stem, STEMS)
+    if stem == "auto" or not model.backbone_name.startswith("resnet"):
+        return
+    _set_stem(model.backbone, stem)
+    if hasattr(model, "momentum_backbone"):
+        _set_stem(model.momentum_backbone, stem)
+        initialize_momentum_params(model.backbone, model.momentum_backbone)
+
+
+def build_model(cfg: DictConfig) -> BaseMethod:
+    """``METHODS[cfg.method](cfg)`` with the plugin's variants registered and the stem applied."""
+    from solo_deepfusion.solo import register
+
+    register()
+    if cfg.method not in METHODS:
+        raise ValueError(f"method={cfg.method!r} is not one of {sorted(METHODS)}")
+    model = METHODS[cfg.method](cfg)
+    apply_stem(model, omegaconf_select(cfg, "backbone.stem", "auto"))
+    return model
+
+
+def load_model(ckpt_path: str | Path, cfg: DictConfig, *, strict: bool = True) -> BaseMethod:
+    """Rebuild the model of ``cfg`` and load a Lightning checkpoint's weights into it.
+
+    Lightning checkpoints also hold optimizer and scheduler state, which for SimSiam/NNSiam
+    includes a ``functools.partial`` that torch >= 2.6's ``weights_only`` loader refuses; only
+    load checkpoints you trust (the zoo ships weights as safetensors instead).
+    """
+    model = build_model(cfg)
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    model.load_state_dict(checkpoint["state_dict"], strict=strict)
+    return model

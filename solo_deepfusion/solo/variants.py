@@ -1,0 +1,190 @@
+"""``<method>_transformer`` and ``<method>_mlp_matched``: solo-learn methods with another head.
+
+Each variant subclasses the stock method, lets it build everything as usual, then swaps the
+projector (DINO: ``head.mlp``) for the configured head, keeping the method's tail (whatever
+follows the stock projector's last ``Linear``: SimSiam's and MoCo v3's ``BatchNorm1d``,
+NNCLR's BN, VIbCReg's IterNorm), the recipe's ``proj_output_dim`` and, for momentum methods,
+an identical EMA copy of the head. The joint attention context comes from the mixins in
+:mod:`solo_deepfusion.solo.context`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+from solo.methods import METHODS
+from solo.methods.base import BaseMethod, BaseMomentumMethod
+from solo.utils.momentum import initialize_momentum_params
+from torch import nn
+
+from solo_deepfusion.heads import TransformerHeadConfig, build_projector
+from solo_deepfusion.heads.transformer import check_choice
+from solo_deepfusion.solo.context import (
+    ContextProjector,
+    JointContextMixin,
+    MomentumJointContextMixin,
+)
+
+# Every solo-learn method with a projection head (all but `mae` and `linear`).
+HEAD_METHODS = (
+    "all4one",
+    "barlow_twins",
+    "byol",
+    "deepclusterv2",
+    "dino",
+    "mocov2plus",
+    "mocov3",
+    "nnbyol",
+    "nnclr",
+    "nnsiam",
+    "ressl",
+    "simclr",
+    "simsiam",
+    "supcon",
+    "swav",
+    "vibcreg",
+    "vicreg",
+    "wmse",
+)
+PROJECTORS = ("mlp", "transformer", "mlp_matched")
+HEAD_FIELDS = tuple(f.name for f in dataclasses.fields(TransformerHeadConfig))
+# Keys of `cfg.projector` besides the head's own fields.
+PROJECTOR_KEYS = {
+    "transformer": ("name", "preset", "small_crops", *HEAD_FIELDS),
+    "mlp_matched": ("name", "preset", "num_layers", *HEAD_FIELDS),
+}
+PROJECTOR_DEFAULTS = {
+    "transformer": {"preset": "paper", "small_crops": False},
+    "mlp_matched": {"preset": "paper", "num_layers": 3, "small_crops": False},
+}
+
+
+def variant_name(method: str, projector: str) -> str:
+    """The METHODS key that trains ``method`` with ``projector`` (``mlp`` = the stock method)."""
+    check_choice("projector", projector, PROJECTORS)
+    return method if projector == "mlp" else f"{method}_{projector}"
+
+
+def base_method(name: str) -> str:
+    """The stock method a (possibly variant) METHODS key is built on."""
+    for projector in PROJECTORS[1:]:
+        if name.endswith(f"_{projector}"):
+            return name.removesuffix(f"_{projector}")
+    return name
+
+
+def projector_config(cfg: DictConfig, projector: str) -> DictConfig:
+    """Fill ``cfg.projector`` for ``projector`` with defaults and reject unknown fields."""
+    with open_dict(cfg):
+        if "projector" not in cfg or cfg.projector is None:
+            cfg.projector = {"name": projector}
+        pcfg = cfg.projector
+        if pcfg.get("name", projector) != projector:
+            raise ValueError(
+                f"projector.name={pcfg.name!r} contradicts method={cfg.method!r}; "
+                f"use projector.name={projector!r} or the stock method"
+            )
+        pcfg.name = projector
+        for key, value in PROJECTOR_DEFAULTS[projector].items():
+            if pcfg.get(key) is None:
+                pcfg[key] = value
+    unknown = sorted(set(pcfg) - set(PROJECTOR_KEYS[projector]) - {"small_crops"})
+    if unknown:
+        raise ValueError(
+            f"unknown projector field(s) {unknown}; "
+            f"{projector} takes {sorted(PROJECTOR_KEYS[projector])}"
+        )
+    return cfg
+
+
+def build_head(cfg: DictConfig, in_dim: int) -> nn.Module:
+    """The head named by ``cfg.projector`` for backbone features of size ``in_dim``."""
+    pcfg = OmegaConf.to_container(cfg.projector, resolve=True)
+    name = pcfg.pop("name")
+    pcfg.pop("small_crops", None)
+    fields = {k: v for k, v in pcfg.items() if v is not None}
+    kwargs = cfg.method_kwargs
+    return build_projector(name, in_dim, kwargs.proj_hidden_dim, kwargs.proj_output_dim, **fields)
+
+
+def method_tail(stock: nn.Module) -> nn.Module | None:
+    """What the stock projector applies after its last ``Linear`` (``None`` if nothing)."""
+    layers = list(stock.children()) if isinstance(stock, nn.Sequential) else []
+    last_linear = max((i for i, m in enumerate(layers) if isinstance(m, nn.Linear)), default=-1)
+    tail = layers[last_linear + 1 :]
+    if last_linear < 0 or not tail:
+        return None
+    return copy.deepcopy(tail[0] if len(tail) == 1 else nn.Sequential(*tail))
+
+
+def _backbone_for(base: str, ctor: Any, method: str, *args: Any, **kwargs: Any) -> nn.Module:
+    del method  # the variant's name; backbones look at the stock name (vit_mocov3, vit_mae)
+    return ctor(base, *args, **kwargs)
+
+
+class DeepFusionVariant:
+    """Swaps the stock projector of ``BASE_METHOD`` for the head named ``PROJECTOR``."""
+
+    BASE_METHOD: str
+    PROJECTOR: str
+    context_projector: str
+    momentum_context_projector: str
+
+    @property
+    def is_momentum(self) -> bool:
+        return isinstance(self, BaseMomentumMethod)
+
+    def __init__(self, cfg: DictConfig) -> None:
+        super().__init__(cfg)  # the stock method builds its MLP head; replaced below
+        online = self.context_projector
+        momentum = self.momentum_context_projector if self.is_momentum else None
+        stock = self.get_submodule(online)
+        head = ContextProjector(build_head(self.cfg, self.features_dim), method_tail(stock))
+        self._replace(online, head)
+        if momentum is not None:
+            momentum_head = copy.deepcopy(head)
+            self._replace(momentum, momentum_head)
+            # DINO's EMA pair is the whole head (with `last_layer`), the others' the projector.
+            pair = ("head", "momentum_head") if self.BASE_METHOD == "dino" else (online, momentum)
+            initialize_momentum_params(self.get_submodule(pair[0]), self.get_submodule(pair[1]))
+
+    @classmethod
+    def add_and_assert_specific_cfg(cls, cfg: DictConfig) -> DictConfig:
+        cfg = METHODS[cls.BASE_METHOD].add_and_assert_specific_cfg(cfg)
+        return projector_config(cfg, cls.PROJECTOR)
+
+    def _replace(self, path: str, module: nn.Module) -> None:
+        parent, _, name = path.rpartition(".")
+        setattr(self.get_submodule(parent) if parent else self, name, module)
+
+
+def make_variant(method: str, projector: str) -> type[BaseMethod]:
+    """Build the class ``<Method><Projector>`` for ``METHODS[method]``."""
+    stock = METHODS[method]
+    momentum = issubclass(stock, BaseMomentumMethod)
+    mixin = MomentumJointContextMixin if momentum else JointContextMixin
+    online, momentum_path = (
+        ("head.mlp", "momentum_head.mlp")
+        if method == "dino"
+        else ("projector", "momentum_projector")
+    )
+    name = stock.__name__ + "".join(part.title() for part in projector.split("_"))
+    namespace = {
+        "BASE_METHOD": method,
+        "PROJECTOR": projector,
+        "context_projector": online,
+        "momentum_context_projector": momentum_path,
+        # Backbone constructors receive cfg.method; give them the stock name.
+        "_BACKBONES": {
+            key: functools.partial(_backbone_for, method, ctor)
+            for key, ctor in BaseMethod._BACKBONES.items()
+        },
+        "__module__": __name__,
+        "__qualname__": name,
+        "__doc__": f"solo-learn's {stock.__name__} with the `{projector}` projection head.",
+    }
+    return type(name, (DeepFusionVariant, stock, mixin), namespace)

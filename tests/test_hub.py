@@ -1,0 +1,619 @@
+"""Zoo client: manifest validation, verified/resumable/atomic downloads, cache checks, weights.
+
+All network traffic goes to an HTTP server on 127.0.0.1 that each test starts itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import socket
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+
+from solo_deepfusion import hub
+from solo_deepfusion.hub import _schema_lite
+from solo_deepfusion.hub.manifest import load_schema
+
+pytestmark = pytest.mark.timeout(60)
+
+SIZE = 3 * 1024 * 1024 + 123  # a few 1 MiB chunks plus a tail
+PAYLOAD = random.Random(0).randbytes(SIZE)
+SHA = hashlib.sha256(PAYLOAD).hexdigest()
+
+
+# ----------------------------------------------------------------------------- local HTTP server
+
+
+@dataclass
+class Route:
+    data: bytes = PAYLOAD
+    status: int = 200  # 404 → not found
+    honour_range: bool = True
+    corrupt: bool = False  # flip one byte (same size)
+    cut_after: list[int] = field(default_factory=list)  # per request: close after N body bytes
+    redirect: str | None = None
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):  # keep pytest output clean
+        pass
+
+    def _empty(self, code: int, headers: dict[str, str] | None = None) -> None:
+        self.send_response(code)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_GET(self):
+        srv = self.server
+        rng = self.headers.get("Range")
+        with srv.lock:
+            srv.requests.append((self.path, rng))
+            route = srv.routes.get(self.path)
+            cut = route.cut_after.pop(0) if route and route.cut_after else None
+        if route is None or route.status == 404:
+            return self._empty(404)
+        if route.redirect:
+            return self._empty(302, {"Location": route.redirect})
+        data = bytes([route.data[0] ^ 1]) + route.data[1:] if route.corrupt else route.data
+        start = 0
+        m = re.fullmatch(r"bytes=(\d+)-", rng or "")
+        if m and route.honour_range:
+            start = int(m[1])
+            if start >= len(data):
+                return self._empty(416, {"Content-Range": f"bytes */{len(data)}"})
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        body = data[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if cut is not None:
+            self.wfile.write(body[:cut])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        try:
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up on this mirror
+            self.close_connection = True
+
+
+class Server:
+    def __init__(self) -> None:
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self.httpd.daemon_threads = True
+        self.httpd.routes = {}
+        self.httpd.requests = []
+        self.httpd.lock = threading.Lock()
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    @property
+    def routes(self) -> dict[str, Route]:
+        return self.httpd.routes
+
+    @property
+    def requests(self) -> list[tuple[str, str | None]]:
+        return self.httpd.requests
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    s = Server()
+    yield s
+    s.close()
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(tmp_path, monkeypatch):
+    for var in (
+        "SOLO_DEEPFUSION_OFFLINE",
+        "HF_HUB_OFFLINE",
+        "SOLO_DEEPFUSION_ZOO_MANIFEST",
+        "http_proxy",
+        "https_proxy",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+    ):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SOLO_DEEPFUSION_CACHE", str(tmp_path / "cache"))
+
+
+# ----------------------------------------------------------------------------- manifest helpers
+
+
+def file_rec(urls, role="backbone", filename=None, data=PAYLOAD) -> dict:
+    if filename is None:
+        filename = {"backbone": "backbone.safetensors", "args": "args.json"}.get(
+            role, "full.safetensors"
+        )
+    return {
+        "role": role,
+        "filename": filename,
+        "size": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "urls": list(urls),
+    }
+
+
+def entry_rec(name="m1", files=None) -> dict:
+    return {
+        "name": name,
+        "method": "simclr",
+        "projector": {"name": "deepfusion", "num_layers": 2, "num_heads": 8},
+        "backbone": {"name": "resnet18", "kwargs": {}, "stem": "cifar"},
+        "dataset": "cifar10",
+        "epochs": 10,
+        "recipe": "solo_deepfusion/configs/pretrain/simclr_deepfusion.yaml",
+        "metrics": [
+            {"name": "acc1", "value": 80.5, "protocol": {"kind": "online_linear", "split": "val"}},
+            {
+                "name": "acc1",
+                "value": 79.0,
+                "protocol": {"kind": "knn", "k": 200, "temperature": 0.1},
+            },
+        ],
+        "params": {"backbone": 11_000_000, "head": 500_000},
+        "files": files if files is not None else [file_rec(["backbone.safetensors"])],
+        "license": "MIT",
+        "date": "2026-01-31",
+        "code_commit": "0123abc",
+    }
+
+
+def write_manifest(folder: Path, entries: list[dict]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "manifest.yaml"
+    path.write_text(yaml.safe_dump({"schema_version": 1, "models": entries}, sort_keys=False))
+    return path
+
+
+def one_file_entry(urls, name="m1", **kw) -> hub.ZooEntry:
+    rec = file_rec(urls, **kw)
+    zf = hub.ZooFile(rec["role"], rec["filename"], rec["size"], rec["sha256"], tuple(urls))
+    return hub.ZooEntry(name=name, files=(zf,))
+
+
+def cache_file(tmp_path, name="m1", filename="backbone.safetensors") -> Path:
+    return tmp_path / "cache" / name / filename
+
+
+# ----------------------------------------------------------------------------- downloads
+
+
+def test_download_verified_and_cached(server, tmp_path):
+    server.routes["/w"] = Route()
+    manifest = write_manifest(tmp_path / "zoo", [entry_rec(files=[file_rec([server.url("/w")])])])
+
+    path = hub.download("m1", manifest=manifest, progress=False)
+
+    assert path == cache_file(tmp_path)
+    assert path.read_bytes() == PAYLOAD
+    assert not path.with_name(path.name + ".part").exists()
+    assert hub.download("m1", manifest=manifest) == path  # second call: from the cache
+    assert len(server.requests) == 1
+
+
+def test_resume_after_cut_connection(server, tmp_path):
+    cut = 1_500_000
+    server.routes["/w"] = Route(cut_after=[cut])
+    path = hub.download(one_file_entry([server.url("/w")]), progress=False)
+
+    assert path.read_bytes() == PAYLOAD
+    assert server.requests == [("/w", None), ("/w", f"bytes={cut}-")]
+
+
+@pytest.mark.parametrize("honour_range", [True, False])
+def test_leftover_part_is_resumed_or_restarted(server, tmp_path, honour_range):
+    server.routes["/w"] = Route(honour_range=honour_range)
+    part = cache_file(tmp_path).with_name("backbone.safetensors.part")
+    part.parent.mkdir(parents=True)
+    part.write_bytes(PAYLOAD[:1000])  # an earlier, interrupted run
+
+    path = hub.download(one_file_entry([server.url("/w")]), progress=False)
+
+    assert path.read_bytes() == PAYLOAD
+    assert server.requests == [("/w", "bytes=1000-")]  # 200 instead of 206 → rewritten from 0
+    assert not part.exists()
+
+
+def test_stale_wrong_part_is_discarded_and_refetched(server, tmp_path):
+    server.routes["/w"] = Route()
+    part = cache_file(tmp_path).with_name("backbone.safetensors.part")
+    part.parent.mkdir(parents=True)
+    part.write_bytes(b"\0" * 1000)  # not a prefix of the real file
+
+    path = hub.download(one_file_entry([server.url("/w")]), progress=False)
+
+    assert path.read_bytes() == PAYLOAD
+    assert server.requests == [("/w", "bytes=1000-"), ("/w", None)]
+
+
+def test_hash_mismatch_is_an_error_and_leaves_nothing(server, tmp_path):
+    server.routes["/w"] = Route(corrupt=True)
+    with pytest.raises(hub.DownloadError, match="sha256 mismatch") as err:
+        hub.download(one_file_entry([server.url("/w")]), progress=False)
+
+    target = cache_file(tmp_path)
+    assert not target.exists()
+    assert not target.with_name(target.name + ".part").exists()
+    assert err.value.failures[0][0] == server.url("/w")
+
+
+def test_404_then_next_mirror(server, tmp_path):
+    server.routes["/good"] = Route()
+    entry = one_file_entry([server.url("/missing"), server.url("/good")])
+
+    path = hub.download(entry, progress=False)
+
+    assert path.read_bytes() == PAYLOAD
+    assert [p for p, _ in server.requests] == ["/missing", "/good"]
+
+
+def test_stalled_mirror_is_skipped(server, tmp_path):
+    server.routes["/stall"] = Route(cut_after=[0])  # headers, then nothing
+    server.routes["/good"] = Route()
+    path = hub.download(one_file_entry([server.url("/stall"), server.url("/good")]), progress=False)
+    assert path.read_bytes() == PAYLOAD
+    assert [p for p, _ in server.requests] == ["/stall", "/good"]
+
+
+def test_hf_url_resolves_through_hf_hub_url(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", server.url(""))
+    server.routes["/org/repo/resolve/0123abc/r18/backbone.safetensors"] = Route()
+    entry = one_file_entry(["hf://org/repo@0123abc/r18/backbone.safetensors"])
+
+    assert hub.download(entry, progress=False).read_bytes() == PAYLOAD
+    assert [p for p, _ in server.requests] == ["/org/repo/resolve/0123abc/r18/backbone.safetensors"]
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_all_mirrors_failing_lists_each_url_and_reason(server, tmp_path):
+    server.routes["/bad"] = Route(corrupt=True)
+    server.routes["/short"] = Route(data=PAYLOAD[:-1])
+    refused = f"http://127.0.0.1:{_closed_port()}/w"
+    urls = [server.url("/missing"), refused, server.url("/bad"), server.url("/short")]
+
+    with pytest.raises(hub.DownloadError) as err:
+        hub.download(one_file_entry(urls), progress=False)
+
+    reasons = dict(err.value.failures)
+    assert list(reasons) == urls
+    assert "404" in reasons[urls[0]]
+    assert "connection failed" in reasons[urls[1]]
+    assert "sha256 mismatch" in reasons[urls[2]]
+    assert "manifest says" in reasons[urls[3]]
+    for url in urls:
+        assert url in str(err.value)
+    assert not cache_file(tmp_path).exists()
+
+
+def test_redirects_followed_but_never_to_plain_http_elsewhere(server, tmp_path):
+    server.routes["/hop"] = Route(redirect=server.url("/good"))
+    server.routes["/good"] = Route()
+    server.routes["/evil"] = Route(redirect="http://example.invalid/w")
+
+    assert hub.download(one_file_entry([server.url("/hop")]), progress=False).is_file()
+    entry = one_file_entry([server.url("/evil")], name="m2")
+    with pytest.raises(hub.DownloadError, match="refused redirect"):
+        hub.download(entry, progress=False)
+    assert [p for p, _ in server.requests] == ["/hop", "/good", "/evil"]
+
+
+def test_non_loopback_http_url_refused_without_request(tmp_path):
+    with pytest.raises(hub.DownloadError, match=r"only allowed for 127\.0\.0\.1"):
+        hub.download(one_file_entry(["http://example.invalid/w"]), progress=False)
+
+
+@pytest.mark.parametrize("how", ["arg", "SOLO_DEEPFUSION_OFFLINE", "HF_HUB_OFFLINE"])
+def test_offline_uses_only_the_cache(server, tmp_path, monkeypatch, how):
+    server.routes["/w"] = Route()
+    entry = one_file_entry([server.url("/w")])
+    offline = True if how == "arg" else None
+    if how != "arg":
+        monkeypatch.setenv(how, "1")
+
+    with pytest.raises(hub.NotCachedError, match=r"offline.*not cached"):
+        hub.download(entry, offline=offline)
+    assert server.requests == []
+
+    hub.download(entry, offline=False, progress=False)  # an explicit argument beats the env
+    server.requests.clear()
+    assert hub.download(entry, offline=offline).read_bytes() == PAYLOAD
+    assert server.requests == []
+
+
+def test_corrupted_cache_file(server, tmp_path):
+    server.routes["/w"] = Route()
+    entry = one_file_entry([server.url("/w")])
+    path = hub.download(entry, progress=False)
+    path.write_bytes(b"x" + PAYLOAD[1:])
+
+    with pytest.raises(hub.NotCachedError, match="corrupted"):
+        hub.download(entry, offline=True)
+    with pytest.warns(UserWarning, match="corrupted"):
+        assert hub.download(entry, progress=False).read_bytes() == PAYLOAD
+    assert len(server.requests) == 2
+
+
+def test_concurrent_downloads_fetch_once(server, tmp_path):
+    server.routes["/w"] = Route()
+    entry = one_file_entry([server.url("/w")])
+    out: list[Path] = []
+    threads = [
+        threading.Thread(target=lambda: out.append(hub.download(entry, progress=False)))
+        for _ in range(4)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(out) == 4 and all(p.read_bytes() == PAYLOAD for p in out)
+    assert len(server.requests) == 1
+
+
+@pytest.mark.parametrize("bad", ["../x", "/abs", "a/b", "..", ""])
+def test_unsafe_names_rejected(tmp_path, bad):
+    with pytest.raises(ValueError, match="not a safe file name"):
+        hub.download(one_file_entry(["w.safetensors"], name=bad), progress=False)
+    with pytest.raises(ValueError, match="not a safe file name"):
+        hub.download(one_file_entry(["w.safetensors"], filename=bad), progress=False)
+    assert not (tmp_path / "cache").exists()
+    assert not (tmp_path / "x").exists()
+
+
+def test_unsafe_names_rejected_by_manifest(tmp_path):
+    manifest = write_manifest(tmp_path / "zoo", [entry_rec(name="../x")])
+    with pytest.raises(hub.ManifestError, match=r"field 'name'"):
+        hub.load_manifest(manifest)
+
+
+def test_relative_and_file_urls(tmp_path, monkeypatch):
+    zoo = tmp_path / "zoo"
+    (zoo / "files").mkdir(parents=True)
+    args = json.dumps({"method": "simclr"}).encode()
+    (zoo / "files" / "args.json").write_bytes(args)
+    mirror = tmp_path / "mirror" / "args.json"
+    mirror.parent.mkdir()
+    mirror.write_bytes(args)
+    files = [
+        file_rec(["files/args.json"], role="args", data=args),
+        file_rec(["files/nowhere.safetensors", mirror.as_uri()], role="backbone", data=args),
+    ]
+    manifest = write_manifest(zoo, [entry_rec(files=files)])
+    monkeypatch.chdir(tmp_path / "mirror")  # relative URLs resolve against the manifest folder
+
+    path = hub.download("m1", role="args", manifest=manifest)
+    assert path == cache_file(tmp_path, filename="args.json")
+    assert path.read_bytes() == args
+    assert hub.download("m1", manifest=manifest).read_bytes() == args  # via the file:// mirror
+
+    (zoo / "files" / "args.json").write_bytes(b"[" + args[1:])  # same size, other bytes
+    path.unlink()
+    with pytest.raises(hub.DownloadError, match="sha256 mismatch"):
+        hub.download("m1", role="args", manifest=manifest)
+    assert not path.exists()
+
+
+def test_verify_reports_ok_missing_corrupted(server, tmp_path):
+    server.routes["/w"] = Route()
+    manifest = write_manifest(
+        tmp_path / "zoo",
+        [
+            entry_rec("m1", [file_rec([server.url("/w")])]),
+            entry_rec("m2", [file_rec([server.url("/w")])]),
+        ],
+    )
+    path = hub.download("m1", manifest=manifest, progress=False)
+    assert [(r.name, r.status) for r in hub.verify(manifest=manifest)] == [
+        ("m1", "ok"),
+        ("m2", "missing"),
+    ]
+
+    with open(path, "r+b") as fh:  # same size, one byte changed
+        fh.seek(SIZE // 2)
+        fh.write(bytes([PAYLOAD[SIZE // 2] ^ 0xFF]))
+    (result,) = hub.verify("m1", manifest=manifest)
+    assert result.status == "corrupted" and not result.ok
+    assert result.actual_sha256 != SHA and result.expected_sha256 == SHA
+    assert "corrupted" in str(result)
+    assert path.exists()  # reported, not deleted
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def test_safetensors_round_trip_and_fp16(tmp_path):
+    import torch
+
+    state = {"w": torch.randn(4, 3), "b": torch.randn(3, dtype=torch.float64), "n": torch.tensor(7)}
+    path = hub.save_state_dict(state, tmp_path / "m.safetensors", {"name": "x", "epochs": 3})
+    loaded = hub.load_state_dict(path)
+    assert loaded.keys() == state.keys()
+    assert all(torch.equal(loaded[k], state[k]) for k in state)
+    assert hub.read_metadata(path) == {"name": "x", "epochs": "3"}
+
+    half = hub.load_state_dict(hub.save_state_dict(state, tmp_path / "h.safetensors", half=True))
+    assert half["w"].dtype == half["b"].dtype == torch.float16
+    assert half["n"].dtype == torch.int64 and half["n"].item() == 7
+    torch.testing.assert_close(half["w"].float(), state["w"], atol=1e-2, rtol=1e-3)
+
+    with pytest.raises(ValueError, match="float16 range"):
+        hub.save_state_dict({"x": torch.tensor([1e6])}, tmp_path / "o.safetensors", half=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h.safetensors", "m.safetensors"]
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".ckpt", ".pth", ".bin"])
+def test_pickle_formats_refused(tmp_path, suffix):
+    import torch
+
+    p = tmp_path / f"model{suffix}"
+    with pytest.raises(ValueError, match="pickle"):
+        hub.save_state_dict({"w": torch.zeros(1)}, p)
+    assert not p.exists()
+    torch.save({"w": torch.zeros(1)}, p)
+    with pytest.raises(ValueError, match="pickle"):
+        hub.load_state_dict(p)
+
+
+def test_load_backbone_state_upcasts_to_float32(tmp_path):
+    import torch
+
+    state = {"conv.weight": torch.randn(8, 3, 3, 3), "bn.num_batches_tracked": torch.tensor(5)}
+    zoo = tmp_path / "zoo"
+    path = hub.save_state_dict(state, zoo / "files" / "backbone.safetensors", half=True)
+    data = path.read_bytes()
+    manifest = write_manifest(
+        zoo, [entry_rec(files=[file_rec(["files/backbone.safetensors"], data=data)])]
+    )
+
+    loaded, entry = hub.load_backbone_state("m1", manifest=manifest)
+
+    assert entry.name == "m1" and entry.backbone["stem"] == "cifar"
+    assert loaded["conv.weight"].dtype == torch.float32
+    assert torch.equal(loaded["conv.weight"], state["conv.weight"].half().float())
+    assert loaded["bn.num_batches_tracked"].dtype == torch.int64
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+def _set(path: str, value):
+    def mutate(entry: dict) -> None:
+        *keys, last = path.split(".")
+        node = entry
+        for k in keys:
+            node = node[int(k)] if k.isdigit() else node[k]
+        if value is _DELETE:
+            del node[last]
+        else:
+            node[last] = value
+
+    return mutate
+
+
+_DELETE = object()
+
+BAD_ENTRIES = [
+    (_set("files.0.sha256", "abc"), "'files[0].sha256'"),
+    (_set("license", _DELETE), "'license': missing required field"),
+    (_set("lisence", "MIT"), "'lisence': unknown field"),
+    (_set("epochs", 0), "'epochs'"),
+    (_set("code_commit", 123456789), "quote it"),
+    (_set("metrics.0.protocol.kind", "linear"), "'metrics[0].protocol.kind'"),
+    (_set("metrics.1.protocol", {"kind": "knn"}), "'metrics[1].protocol.k'"),
+    (_set("files.0.urls", ["http://example.com/w"]), "'files[0].urls[0]': plain http"),
+    (_set("files.0.urls", ["hf://org/repo/w.safetensors"]), "revision required"),
+    (_set("files.0.filename", "backbone.pt"), "'files[0].filename': a 'backbone' file"),
+    (_set("recipe", "../outside.yaml"), "'recipe'"),
+    (_set("backbone.kwargs", []), "'backbone.kwargs'"),
+]
+
+
+@pytest.fixture(params=["jsonschema", "builtin"])
+def validator(request, monkeypatch):
+    if request.param == "builtin":
+        monkeypatch.setitem(sys.modules, "jsonschema", None)  # import → ImportError
+    else:
+        pytest.importorskip("jsonschema")
+    return request.param
+
+
+@pytest.mark.parametrize(("mutate", "expected"), BAD_ENTRIES)
+def test_manifest_errors_name_entry_and_field(tmp_path, validator, mutate, expected):
+    good = entry_rec("ok-entry")
+    bad = entry_rec("m1")
+    mutate(bad)
+    manifest = write_manifest(tmp_path / "zoo", [good, bad])
+
+    with pytest.raises(hub.ManifestError) as err:
+        hub.load_manifest(manifest)
+
+    assert len(err.value.errors) == 1, err.value.errors
+    assert "entry 'm1' (models[1])" in err.value.errors[0]
+    assert expected in err.value.errors[0]
+
+
+def test_manifest_duplicate_names_and_roles(tmp_path, validator):
+    twice = entry_rec("m1", [file_rec(["a.safetensors"]), file_rec(["b.safetensors"])])
+    manifest = write_manifest(tmp_path / "zoo", [entry_rec("m1"), twice])
+    with pytest.raises(hub.ManifestError) as err:
+        hub.load_manifest(manifest)
+    text = str(err.value)
+    assert "duplicate name" in text and "duplicate role 'backbone'" in text
+
+
+def test_manifest_loads_entries(tmp_path, monkeypatch):
+    manifest = write_manifest(tmp_path / "zoo", [entry_rec("zeta"), entry_rec("alpha")])
+    entries = hub.load_manifest(manifest)
+    assert list(entries) == ["zeta", "alpha"]
+    e = entries["alpha"]
+    assert e.metrics[1].kind == "knn" and e.metrics[1].protocol["k"] == 200
+    assert e.file("backbone").size == SIZE and e.manifest_dir == manifest.parent.resolve()
+    with pytest.raises(ValueError, match="no 'full' file"):
+        e.file("full")
+
+    monkeypatch.setenv("SOLO_DEEPFUSION_ZOO_MANIFEST", str(manifest))
+    assert hub.list_models() == ["alpha", "zeta"]
+    with pytest.raises(hub.UnknownModelError, match="did you mean 'alpha'"):
+        hub.get_entry("alpha2")
+
+    monkeypatch.setenv("SOLO_DEEPFUSION_ZOO_MANIFEST", str(tmp_path / "nope.yaml"))
+    with pytest.raises(hub.ManifestError, match="SOLO_DEEPFUSION_ZOO_MANIFEST"):
+        hub.list_models()
+
+
+def test_unquoted_yaml_date_is_accepted(tmp_path):
+    manifest = write_manifest(tmp_path / "zoo", [entry_rec()])
+    manifest.write_text(manifest.read_text().replace("'2026-01-31'", "2026-01-31"))
+    assert hub.load_manifest(manifest)["m1"].date == "2026-01-31"
+
+
+def test_shipped_manifest_is_valid(validator):
+    assert hub.load_manifest() is not None
+    assert hub.list_models() == sorted(hub.load_manifest())
+
+
+def test_builtin_validator_covers_the_schema():
+    schema = load_schema()
+    doc = {"schema_version": 1, "models": [entry_rec()]}
+    assert list(_schema_lite.iter_errors(schema, doc)) == []
+    with pytest.raises(NotImplementedError):
+        list(_schema_lite.iter_errors({"oneOf": []}, {}))
+
+
+def test_import_does_not_pull_heavy_frameworks():
+    code = (
+        "import sys, solo_deepfusion; before = set(sys.modules); import solo_deepfusion.hub; "
+        "new = {m.split('.')[0] for m in set(sys.modules) - before}; "
+        "print(sorted(new & {'torch', 'solo', 'lightning', 'hydra', 'huggingface_hub'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
