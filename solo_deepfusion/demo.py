@@ -18,7 +18,7 @@ from solo_deepfusion.heads import PRESETS, build_projector, count_parameters, fo
 def synthetic_views(
     samples: int, classes: int, dim: int, views: int, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """View-major ``(views * samples, dim)`` features clustered by class, and ``(samples,)`` labels."""
+    """View-major ``(views * samples, dim)`` features clustered by class; ``(samples,)`` labels."""
     g = torch.Generator().manual_seed(seed)
     centres = torch.randn(classes, dim, generator=g)
     labels = torch.arange(samples) % classes
