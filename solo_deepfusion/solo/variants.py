@@ -52,10 +52,12 @@ HEAD_METHODS = (
 )
 PROJECTORS = ("mlp", "transformer", "mlp_matched")
 HEAD_FIELDS = tuple(f.name for f in dataclasses.fields(TransformerHeadConfig))
-# Keys of `cfg.projector` besides the head's own fields.
+# Keys of `cfg.projector` that configure the variant, not the head itself.
+# (fusion_monitor*: read by solo_deepfusion.solo.monitor.fusion_monitor_from_cfg.)
+NON_HEAD_KEYS = ("small_crops", "fusion_monitor", "fusion_monitor_every", "fusion_monitor_samples")
 PROJECTOR_KEYS = {
-    "transformer": ("name", "preset", "small_crops", *HEAD_FIELDS),
-    "mlp_matched": ("name", "preset", "num_layers", *HEAD_FIELDS),
+    "transformer": ("name", "preset", *NON_HEAD_KEYS, *HEAD_FIELDS),
+    "mlp_matched": ("name", "preset", "num_layers", *NON_HEAD_KEYS, *HEAD_FIELDS),
 }
 PROJECTOR_DEFAULTS = {
     "transformer": {"preset": "paper", "small_crops": False},
@@ -92,7 +94,7 @@ def projector_config(cfg: DictConfig, projector: str) -> DictConfig:
         for key, value in PROJECTOR_DEFAULTS[projector].items():
             if pcfg.get(key) is None:
                 pcfg[key] = value
-    unknown = sorted(set(pcfg) - set(PROJECTOR_KEYS[projector]) - {"small_crops"})
+    unknown = sorted(set(pcfg) - set(PROJECTOR_KEYS[projector]))
     if unknown:
         raise ValueError(
             f"unknown projector field(s) {unknown}; "
@@ -105,7 +107,8 @@ def build_head(cfg: DictConfig, in_dim: int) -> nn.Module:
     """The head named by ``cfg.projector`` for backbone features of size ``in_dim``."""
     pcfg = OmegaConf.to_container(cfg.projector, resolve=True)
     name = pcfg.pop("name")
-    pcfg.pop("small_crops", None)
+    for key in NON_HEAD_KEYS:
+        pcfg.pop(key, None)
     fields = {k: v for k, v in pcfg.items() if v is not None}
     kwargs = cfg.method_kwargs
     return build_projector(name, in_dim, kwargs.proj_hidden_dim, kwargs.proj_output_dim, **fields)

@@ -1,0 +1,415 @@
+"""``solo-deepfusion fusion``: Deep Fusion analysis of a trained ``<method>_transformer`` run.
+
+Example::
+
+    solo-deepfusion fusion --checkpoint trained_models/simclr_transformer/offline-ab12cd34 \\
+        --data "$SOLO_DEEPFUSION_DATA/test" --batch-size 256 --out fusion-report
+
+It rebuilds the model from the run's ``args.json`` and checkpoint, runs a seeded, class-balanced
+batch of images from an ``ImageFolder`` through backbone and head (eval mode) and writes:
+
+* ``heatmaps.png``: attention per layer (heads averaged, or per head), sorted by class;
+* ``fusion_ratio.png``: fusion ratio against layer for the checkpoint, plus one line per
+  measured epoch when the run folder has the monitor's ``fusion.jsonl``;
+* ``fusion.json``: the numbers (written atomically), also returned by :func:`analyse_checkpoint`.
+
+It also reports the authors' "unsupervised accuracy": leave-one-out 1-NN accuracy (cosine) of
+the projector outputs within evaluation batches. The head makes an output depend on its batch,
+so outputs are computed batch by batch, for each evaluation batch size, over one fixed seeded
+order of the evaluation images (the whole folder, or ``--max-images`` of it, class-balanced);
+the last incomplete batch is dropped. Next to it: the backbone features' 1-NN accuracy within
+the same batches, and over all evaluation images at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from solo.data.classification_dataloader import prepare_transforms
+from solo.methods.base import BaseMethod
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+from torchvision.datasets import ImageFolder
+
+from solo_deepfusion.fusion import (
+    FusionStats,
+    format_table,
+    fusion_stats,
+    leave_one_out_1nn_accuracy,
+    plot_attention_heatmaps,
+    plot_fusion_ratio,
+    summarize,
+)
+from solo_deepfusion.solo.model import load_model
+from solo_deepfusion.solo.monitor import (
+    FUSION_LOG,
+    backbone_features,
+    balanced_indices,
+    evaluating,
+    fusion_head,
+    json_safe,
+    load_samples,
+    local_attention,
+)
+
+DATA_ENV = "SOLO_DEEPFUSION_DATA"
+EVAL_BATCH_SIZES = (64, 256, 1024)
+_LOADER_BATCH = 256  # images per backbone call when extracting evaluation features
+MAX_EPOCH_CURVES = 8  # monitor epochs drawn in fusion_ratio.png (first, last, evenly between)
+# Datasets whose evaluation transform solo-learn knows; others get CIFAR's 32 px one.
+_KNOWN_DATASETS = ("cifar10", "cifar100", "stl10", "imagenet", "imagenet100", "custom")
+
+__all__ = [
+    "DATA_ENV",
+    "EVAL_BATCH_SIZES",
+    "accuracy_table",
+    "analyse_checkpoint",
+    "eval_transform",
+    "load_run",
+    "main",
+    "monitor_curves",
+    "parser",
+    "read_monitor_log",
+    "resolve_checkpoint",
+    "unsupervised_accuracy",
+    "write_json_atomic",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# The run: checkpoint, config, monitor log
+
+
+def _epoch_key(path: Path) -> tuple[int, float]:
+    match = re.search(r"ep=(\d+)", path.name)
+    return (int(match.group(1)) if match else -1, path.stat().st_mtime)
+
+
+def resolve_checkpoint(checkpoint: str | os.PathLike) -> tuple[Path, Path]:
+    """``(checkpoint file, args.json)`` of a ``.ckpt`` file or a run folder (its last epoch).
+
+    A run folder is where solo-learn's Checkpointer writes: ``args.json`` and
+    ``<name>-<version>-ep=N.ckpt``; the highest ``N`` (then the newest file) is taken.
+    """
+    path = Path(checkpoint).expanduser()
+    if path.is_dir():
+        candidates = sorted(path.glob("*.ckpt"), key=_epoch_key)
+        if not candidates:
+            raise FileNotFoundError(f"{path}: run folder without a .ckpt file")
+        path = candidates[-1]
+    elif not path.is_file():
+        raise FileNotFoundError(
+            f"{checkpoint}: no such checkpoint file or run folder (zoo names are not supported yet)"
+        )
+    args = path.parent / "args.json"
+    if not args.is_file():
+        raise FileNotFoundError(f"{args}: missing; it records the config that rebuilds the model")
+    return path, args
+
+
+def load_run(checkpoint: str | os.PathLike) -> tuple[BaseMethod, DictConfig, Path]:
+    """The model (strictly loaded, eval mode, CPU), its config and its checkpoint file."""
+    ckpt, args = resolve_checkpoint(checkpoint)
+    cfg = OmegaConf.create(json.loads(args.read_text()))
+    OmegaConf.set_struct(cfg, False)
+    model = load_model(ckpt, cfg, strict=True)
+    fusion_head(model)  # fail early, with the reason, for a model without a transformer head
+    return model.eval(), cfg, ckpt
+
+
+def read_monitor_log(run_dir: Path) -> list[dict[str, Any]]:
+    """``{"epoch", "step", "fusion_ratio"}`` per epoch of the monitor's ``run_dir/fusion.jsonl``.
+
+    The last record of an epoch wins; lines that are not complete records (e.g. cut by a
+    crash) are skipped.
+    """
+    path = run_dir / FUSION_LOG
+    if not path.is_file():
+        return []
+    by_epoch: dict[int, dict[str, Any]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+            epoch = int(record["epoch"])
+            ratios = [layer["fusion_ratio"] for layer in record["layers"]]
+        except (ValueError, KeyError, TypeError):
+            continue
+        by_epoch[epoch] = {"epoch": epoch, "step": record.get("step"), "fusion_ratio": ratios}
+    return [by_epoch[epoch] for epoch in sorted(by_epoch)]
+
+
+def monitor_curves(records: list[dict[str, Any]], limit: int = MAX_EPOCH_CURVES) -> dict:
+    """``{"epoch N (monitor)": per-layer fusion ratios}`` for at most ``limit`` epochs."""
+    if len(records) > limit:
+        picks = sorted({round(i * (len(records) - 1) / (limit - 1)) for i in range(limit)})
+        records = [records[i] for i in picks]
+    return {f"epoch {r['epoch']} (monitor)": r["fusion_ratio"] for r in records}
+
+
+# ---------------------------------------------------------------------------------------------
+# Data and measurements
+
+
+def eval_transform(cfg: DictConfig) -> nn.Module:
+    """The evaluation transform of the run's dataset (CIFAR's 32 px one when unknown)."""
+    dataset = cfg.data.dataset if cfg.data.dataset in _KNOWN_DATASETS else "cifar10"
+    return prepare_transforms(dataset)[1]
+
+
+def _features(
+    model: BaseMethod, dataset: ImageFolder, indices: torch.Tensor, batch_size: int, workers: int
+) -> torch.Tensor:
+    loader = DataLoader(
+        Subset(dataset, indices.tolist()), batch_size=batch_size, num_workers=workers
+    )
+    return torch.cat([backbone_features(model, images) for images, _ in loader])
+
+
+def _project(model: BaseMethod, feats: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Projector outputs (head and the method's tail), one evaluation batch at a time."""
+    projector = model.get_submodule(model.context_projector)
+    usable = feats.shape[0] // batch_size * batch_size
+    return torch.cat([projector(chunk) for chunk in feats[:usable].split(batch_size)])
+
+
+def unsupervised_accuracy(
+    model: BaseMethod,
+    feats: torch.Tensor,
+    labels: torch.Tensor,
+    batch_sizes: Sequence[int],
+) -> dict[str, Any]:
+    """Leave-one-out 1-NN accuracies of projector outputs and backbone features, per batch size.
+
+    ``feats`` are the backbone features of the evaluation images in their fixed order. A batch
+    size larger than the set is reported with ``None`` accuracies and ``scored = 0``.
+    """
+    rows = []
+    for size in batch_sizes:
+        scored = feats.shape[0] // size * size
+        row: dict[str, Any] = {"batch_size": size, "scored": scored, "head": None, "backbone": None}
+        if scored:
+            outputs = _project(model, feats, size)
+            row["head"] = leave_one_out_1nn_accuracy(outputs, labels[:scored], size)
+            row["backbone"] = leave_one_out_1nn_accuracy(feats[:scored], labels[:scored], size)
+        rows.append(row)
+    return {
+        "num_images": feats.shape[0],
+        "backbone_all": leave_one_out_1nn_accuracy(feats, labels, None),
+        "per_batch_size": rows,
+    }
+
+
+def _attention(
+    model: BaseMethod, images: torch.Tensor, labels: torch.Tensor, num_views: int
+) -> tuple[list[torch.Tensor], list[FusionStats]]:
+    """Attention maps and statistics of one batch, its features repeated ``num_views`` times."""
+    feats = backbone_features(model, images).repeat(num_views, 1)
+    _, maps = fusion_head(model)(feats, num_views=num_views, return_attention=True)
+    maps = [m.cpu() for m in maps]
+    return maps, fusion_stats(maps, labels, num_views=num_views)
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> Path:
+    """Write ``data`` as strict JSON (non-finite floats as ``null``) via a temporary file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def accuracy_table(result: dict[str, Any]) -> str:
+    """The 1-NN accuracies as a small fixed-width table."""
+    header = ("eval batch", "scored", "head 1-NN", "backbone 1-NN")
+    rows = [
+        (
+            str(r["batch_size"]),
+            str(r["scored"]),
+            *(f"{r[key]:.4f}" if r[key] is not None else "-" for key in ("head", "backbone")),
+        )
+        for r in result["per_batch_size"]
+    ]
+    widths = [max(len(row[c]) for row in (header, *rows)) for c in range(len(header))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    head = "  ".join(cell.rjust(w) for cell, w in zip(header, widths, strict=True))
+    total = f"backbone 1-NN over all {result['num_images']} images: {result['backbone_all']:.4f}"
+    return "\n".join([head, "-" * len(head), *lines, total])
+
+
+# ---------------------------------------------------------------------------------------------
+# The analysis
+
+
+def analyse_checkpoint(
+    checkpoint: str | os.PathLike,
+    data: str | os.PathLike,
+    *,
+    batch_size: int = 256,
+    per_head: bool = False,
+    out_dir: str | os.PathLike,
+    num_views: int = 1,
+    eval_batch_sizes: Sequence[int] = EVAL_BATCH_SIZES,
+    seed: int = 0,
+    max_images: int | None = None,
+    device: str | None = None,
+    num_workers: int = 0,
+) -> dict[str, Any]:
+    """Analyse a checkpoint on an ``ImageFolder``; write the plots and ``fusion.json``.
+
+    ``checkpoint``: a ``.ckpt`` file next to its ``args.json``, or the run folder.
+    ``batch_size``: images in the attention batch (class-balanced, drawn with ``seed``);
+    ``num_views``: the batch's features repeated as that many identical views (the joint
+    context's sequence length). ``max_images``: evaluation images for the 1-NN accuracies
+    (default: the whole folder). Returns what ``fusion.json`` holds.
+    """
+    if batch_size < 2 or num_views < 1 or any(size < 2 for size in eval_batch_sizes):
+        raise ValueError("batch_size and eval_batch_sizes must be >= 2, num_views >= 1")
+    out = Path(out_dir)
+    model, cfg, ckpt = load_run(checkpoint)
+    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dataset = ImageFolder(str(data), transform=eval_transform(cfg))
+    if len(dataset) < 2:
+        raise ValueError(f"{data}: need at least 2 images, found {len(dataset)}")
+    targets = torch.as_tensor(dataset.targets)
+    batch = balanced_indices(targets, batch_size, seed=seed)
+    images, labels = load_samples(dataset, batch.tolist())
+    if max_images is None:
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    else:
+        order = balanced_indices(targets, max_images, seed=seed)
+    head = fusion_head(model)
+    with evaluating(model), local_attention(head):
+        maps, stats = _attention(model, images, labels, num_views)
+        feats = _features(model, dataset, order, _LOADER_BATCH, num_workers)
+        accuracy = unsupervised_accuracy(model, feats, targets[order], eval_batch_sizes)
+
+    monitor = read_monitor_log(ckpt.parent)
+    curves = {f"checkpoint ({ckpt.stem})": stats, **monitor_curves(monitor)}
+    files = {
+        "heatmaps": str(out / "heatmaps.png"),
+        "fusion_ratio": str(out / "fusion_ratio.png"),
+        "json": str(out / "fusion.json"),
+    }
+    plot_attention_heatmaps(
+        maps,
+        labels,
+        files["heatmaps"],
+        num_views=num_views,
+        per_head=per_head,
+        class_names=dataset.classes,
+    )
+    plot_fusion_ratio(curves, files["fusion_ratio"], title=f"Deep Fusion: {cfg.method}")
+    summary = summarize(stats)
+    result = {
+        "checkpoint": str(ckpt),
+        "method": cfg.method,
+        "data": str(data),
+        "classes": list(dataset.classes),
+        "batch_size": images.shape[0],
+        "batch_class_counts": torch.bincount(labels, minlength=len(dataset.classes)).tolist(),
+        "num_views": num_views,
+        "per_head": per_head,
+        "seed": seed,
+        "fusion_ratio": summary["fusion_ratio"],
+        "fusion": summary,
+        "unsupervised_accuracy": accuracy,
+        "monitor": monitor,
+        "files": files,
+    }
+    result = json_safe(result)
+    write_json_atomic(out / "fusion.json", result)
+    print(format_table(stats))
+    print()
+    print(accuracy_table(accuracy))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def _default_data() -> str | None:
+    """``$SOLO_DEEPFUSION_DATA/test`` (or ``/val``) when that is a folder."""
+    root = os.environ.get(DATA_ENV)
+    for split in ("test", "val"):
+        if root and (Path(root) / split).is_dir():
+            return str(Path(root) / split)
+    return None
+
+
+def parser() -> argparse.ArgumentParser:
+    """The ``solo-deepfusion fusion`` options."""
+    p = argparse.ArgumentParser(
+        prog="solo-deepfusion fusion",
+        description="Deep Fusion analysis of a <method>_transformer checkpoint.",
+    )
+    p.add_argument("--checkpoint", required=True, help=".ckpt file or run folder with args.json")
+    p.add_argument(
+        "--data", default=None, help=f"ImageFolder of labelled images (default: ${DATA_ENV}/test)"
+    )
+    p.add_argument("--batch-size", type=int, default=256, help="images in the attention batch")
+    p.add_argument("--per-head", action="store_true", help="one heat map per head")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: <run>/fusion)")
+    p.add_argument("--num-views", type=int, default=1, help="identical views per image")
+    p.add_argument(
+        "--eval-batch-sizes",
+        type=int,
+        nargs="+",
+        default=list(EVAL_BATCH_SIZES),
+        help="evaluation batch sizes of the 1-NN accuracy",
+    )
+    p.add_argument("--max-images", type=int, default=None, help="evaluation images (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--workers", type=int, default=0, help="data loading workers")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``solo-deepfusion fusion``; returns 0, or 2 for bad arguments or inputs."""
+    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+    data = args.data or _default_data()
+    if data is None:
+        print(f"error: give --data or set {DATA_ENV} to a folder with test/", file=sys.stderr)
+        return 2
+    try:
+        out = args.out or resolve_checkpoint(args.checkpoint)[0].parent / "fusion"
+        analyse_checkpoint(
+            args.checkpoint,
+            data,
+            batch_size=args.batch_size,
+            per_head=args.per_head,
+            out_dir=out,
+            num_views=args.num_views,
+            eval_batch_sizes=args.eval_batch_sizes,
+            seed=args.seed,
+            max_images=args.max_images,
+            device=args.device,
+            num_workers=args.workers,
+        )
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"\nwrote {out}/heatmaps.png, fusion_ratio.png, fusion.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
