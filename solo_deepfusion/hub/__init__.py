@@ -2,18 +2,23 @@
 
 >>> from solo_deepfusion import hub
 >>> hub.list_models()
-['simclr-deepfusion-r18-cifar10', ...]
->>> entry = hub.get_entry("simclr-deepfusion-r18-cifar10")
+['simclr-deepfusion-r18-cifar10-cpu', ...]
+>>> entry = hub.get_entry("simclr-deepfusion-r18-cifar10-cpu")
 >>> path = hub.download(entry.name)                       # verified, cached, resumable
 >>> state, entry = hub.load_backbone_state(entry.name)    # float32 tensors
 >>> [str(r) for r in hub.verify()]                        # ok / missing / corrupted
+>>> backbone = hub.load_backbone(entry.name)              # nn.Module: images -> features
+>>> model = hub.load_model(entry.name)                    # the whole solo-learn model
+>>> folder = hub.export_solo(entry.name, "solo_ckpts")    # for solo-learn's main_linear/main_knn
 
 Importing this package does not import torch (the weight helpers load it on first use), nor
-solo-learn, lightning or hydra.
+solo-learn, lightning or hydra (``load_backbone``, ``load_model`` and ``export_solo`` come from
+:mod:`solo_deepfusion.solo.zoo` on first use and need solo-learn).
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 from .cache import cached_path, is_offline, resolve_cache_dir, sha256_file
@@ -31,9 +36,20 @@ from .manifest import (
 from .verify import VerifyResult, verify
 
 if TYPE_CHECKING:
+    from solo_deepfusion.solo.zoo import export_solo, load_backbone, load_model
+
     from .weights import load_backbone_state, load_state_dict, read_metadata, save_state_dict
 
-_LAZY = {"load_backbone_state", "load_state_dict", "read_metadata", "save_state_dict"}
+# name -> module that defines it, imported on first use (torch; solo-learn for the last three)
+_LAZY = {
+    "load_backbone_state": "solo_deepfusion.hub.weights",
+    "load_state_dict": "solo_deepfusion.hub.weights",
+    "read_metadata": "solo_deepfusion.hub.weights",
+    "save_state_dict": "solo_deepfusion.hub.weights",
+    "load_backbone": "solo_deepfusion.solo.zoo",
+    "load_model": "solo_deepfusion.solo.zoo",
+    "export_solo": "solo_deepfusion.solo.zoo",
+}
 
 __all__ = [
     "DownloadError",
@@ -47,11 +63,14 @@ __all__ = [
     "ZooFile",
     "cached_path",
     "download",
+    "export_solo",
     "get_entry",
     "is_offline",
     "list_models",
+    "load_backbone",
     "load_backbone_state",
     "load_manifest",
+    "load_model",
     "load_state_dict",
     "read_metadata",
     "resolve_cache_dir",
@@ -63,8 +82,6 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:  # torch-dependent helpers, imported on first use
-        from . import weights
-
-        return getattr(weights, name)
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

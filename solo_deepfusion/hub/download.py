@@ -1,8 +1,8 @@
 """Download zoo files into the cache: mirrors in order, resumable, atomic, verified.
 
 >>> from solo_deepfusion.hub import download
->>> path = download("simclr-deepfusion-r18-cifar10")                  # role="backbone"
->>> path = download("simclr-deepfusion-r18-cifar10", offline=True)    # cache only
+>>> path = download("simclr-deepfusion-r18-cifar10-cpu")                # role="backbone"
+>>> path = download("simclr-deepfusion-r18-cifar10-cpu", offline=True)  # cache only
 
 A file is returned only once its SHA-256 matches the manifest; this is checked on every call, also
 for files already in the cache. Data arrives in ``<target>.part`` and is renamed to ``<target>``

@@ -3,7 +3,7 @@
 Catch :class:`ZooError` for any of them::
 
     try:
-        path = download("simclr-deepfusion-r18-cifar10")
+        path = download("simclr-deepfusion-r18-cifar10-cpu")
     except NotCachedError:  # offline and not in the cache
         ...
     except DownloadError as err:  # every mirror failed

@@ -5,9 +5,9 @@
 >>> sorted(entries) == list_models()
 True
 
-Every load is validated against ``zoo/manifest.schema.json`` (with ``jsonschema`` when it is
-installed, else with a built-in subset validator) and then against rules a schema cannot state
-(URL policy, unique names, one file per role, ``.safetensors`` weights). Each problem is reported as
+Every load is validated against ``zoo/manifest.schema.json`` (with ``jsonschema``) and then
+against rules a schema cannot state (URL policy, unique names, one file per role,
+``.safetensors`` weights). Each problem is reported as
 ``entry '<name>' (models[i]): field 'files[0].sha256': ...`` in a :class:`ManifestError`.
 """
 
@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import yaml
 
-from . import _schema_lite
 from .errors import ManifestError, UnknownModelError
 from .urls import _check_rel_parts, parse_url
 
@@ -35,6 +35,7 @@ _ROLE_SUFFIX = {"backbone": ".safetensors", "full": ".safetensors", "args": ".js
 REPO_ZOO_DIR = Path(__file__).resolve().parents[2] / "zoo"
 
 PathLike = str | os.PathLike[str]
+SchemaError = tuple[tuple[Any, ...], str, str, Any]  # (path, message, keyword, detail)
 
 
 @dataclass(frozen=True)
@@ -163,9 +164,12 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-def _jsonschema_errors(schema: Mapping[str, Any], doc: Any) -> Iterator[_schema_lite.Error]:
-    import jsonschema
+def schema_errors(doc: Any, schema: Mapping[str, Any] | None = None) -> Iterator[SchemaError]:
+    """Structural errors of ``doc`` as ``(path, message, keyword, detail)``.
 
+    ``required`` and ``additionalProperties`` errors are split into one per field.
+    """
+    schema = load_schema() if schema is None else schema
     cls = jsonschema.validators.validator_for(schema)
     for err in cls(schema).iter_errors(doc):
         path = tuple(err.absolute_path)
@@ -181,18 +185,6 @@ def _jsonschema_errors(schema: Mapping[str, Any], doc: Any) -> Iterator[_schema_
         else:
             detail = err.instance if err.validator == "type" else None
             yield path, err.message, str(err.validator), detail
-
-
-def schema_errors(
-    doc: Any, schema: Mapping[str, Any] | None = None
-) -> Iterator[_schema_lite.Error]:
-    """Structural errors of ``doc``: ``jsonschema`` if importable, else the built-in subset."""
-    schema = load_schema() if schema is None else schema
-    try:
-        import jsonschema  # noqa: F401
-    except ImportError:
-        return _schema_lite.iter_errors(schema, doc)
-    return _jsonschema_errors(schema, doc)
 
 
 def _dotted(path: tuple[Any, ...]) -> str:
@@ -213,7 +205,7 @@ def _where(doc: Any, path: tuple[Any, ...]) -> tuple[str, tuple[Any, ...]]:
     return "manifest", path
 
 
-def _format(doc: Any, err: _schema_lite.Error) -> str:
+def _format(doc: Any, err: SchemaError) -> str:
     path, message, keyword, detail = err
     if keyword == "required":
         path, message = (*path, detail), "missing required field"
@@ -296,7 +288,7 @@ def load_manifest(path: PathLike | None = None) -> dict[str, ZooEntry]:
 
 
 def list_models(manifest: PathLike | None = None) -> list[str]:
-    """Sorted entry names. ``list_models()`` → ``['simclr-deepfusion-r18-cifar10', ...]``."""
+    """Sorted entry names. ``list_models()`` → ``['simclr-deepfusion-r18-cifar10-cpu', ...]``."""
     return sorted(load_manifest(manifest))
 
 

@@ -1,17 +1,16 @@
 """Weights on disk: ``safetensors`` only — pickle-based ``.pt``/``.ckpt``/``.pth`` are refused.
 
 >>> save_state_dict(model.backbone.state_dict(), "backbone.safetensors",
-...                 {"name": "simclr-deepfusion-r18-cifar10"}, half=True)
+...                 {"name": "simclr-deepfusion-r18-cifar10-cpu"}, half=True)
 >>> state = load_state_dict("backbone.safetensors")
->>> state, entry = load_backbone_state("simclr-deepfusion-r18-cifar10")   # float32, verified
+>>> state, entry = load_backbone_state("simclr-deepfusion-r18-cifar10-cpu")   # float32, verified
 >>> backbone.load_state_dict(state, strict=True)
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_path
 from .download import download
 from .manifest import PathLike, ZooEntry, get_entry
 
@@ -56,6 +56,7 @@ def save_state_dict(
 
     ``half=True`` stores float32/float64 tensors as float16 (a value beyond ±65504 is an error,
     not a silent ``inf``); other dtypes are kept. Non-string metadata values are JSON-encoded.
+    Equal tensors and metadata give byte-identical files.
     """
     p = _require_safetensors(path)
     tensors: dict[str, torch.Tensor] = {}
@@ -70,16 +71,29 @@ def save_state_dict(
                 )
             t = t.to(torch.float16)
         tensors[key] = t.contiguous().clone()  # own storage: safetensors refuses shared memory
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(p) as tmp:
         save_file(tensors, tmp, metadata=_metadata_str(metadata))
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        _sort_metadata(tmp)
     return p
+
+
+def _sort_metadata(path: Path) -> None:
+    """Write the header's metadata in sorted key order, in place (the header keeps its length).
+
+    safetensors writes the metadata map in hash order, so the same tensors and metadata would
+    give files with different SHA-256s; sorted, a rebuilt file hashes the same.
+    """
+    with open(path, "r+b") as fh:
+        (size,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(size))
+        if "__metadata__" not in header:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size:  # never: same content, same compact JSON as safetensors writes
+            raise RuntimeError(f"{path}: re-serialised safetensors header grew; not rewritten")
+        fh.seek(8)
+        fh.write(text.ljust(size))
 
 
 def load_state_dict(path: PathLike, *, device: str = "cpu") -> dict[str, torch.Tensor]:

@@ -1,0 +1,408 @@
+"""Build the model zoo: train each entry from its recipe, evaluate, export, record it.
+
+For each entry ``zoo/recipes/<entry>.yaml``:
+
+1. pretrain with the project's launcher (:func:`solo_deepfusion.solo.launch.run_pretrain`);
+2. evaluate with :mod:`solo_deepfusion.solo.evaluate` (weighted k-NN on backbone features,
+   offline linear probe with the packaged ``cifar10_linear_quick`` recipe), next to the online
+   linear accuracy the run logged;
+3. export the zoo files (:func:`solo_deepfusion.solo.zoo.export_checkpoint`) into
+   ``<zoo>/files/<entry>/`` and measure their sizes and SHA-256;
+4. write the manifest entry into ``<zoo>/manifest.yaml`` (validated, atomic), with the metrics
+   and how they were measured, parameter counts, date and ``git rev-parse HEAD``.
+
+Usage::
+
+    python scripts/build_zoo.py --data ~/data/cifar10      # every recipe, into zoo/
+    python scripts/build_zoo.py simclr-r18-cifar10-cpu --url-base hf://org/zoo@main
+    python scripts/build_zoo.py --check                     # retrain, compare, write nothing
+    python scripts/build_zoo.py --smoke --work /tmp/z       # 1 epoch on 300 images, zoo in /tmp/z
+
+``--data`` (or ``$SOLO_DEEPFUSION_DATA``) is a folder holding CIFAR-10 as ``train/`` and ``test/``
+ImageFolders or as ``train.tar.gz``/``test.tar.gz`` (unpacked once into ``--work``). ``--smoke``
+proves the pipeline end to end in minutes: its zoo goes to ``<work>/zoo``, never to the repo's.
+Files get a relative URL (they sit next to the manifest) plus ``<url-base>/<entry>/<file>`` for
+each ``--url-base``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from solo_deepfusion.hub import sha256_file
+from solo_deepfusion.hub.publish import file_record, git_commit, update_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = REPO / "zoo" / "recipes"
+DATA_ENV = "SOLO_DEEPFUSION_DATA"
+ROLES = ("backbone", "full", "args")
+LINEAR_RECIPE = "cifar10_linear_quick"
+KNN_K = (20, 200)
+KNN_TEMPERATURE = 0.07
+SMOKE_PER_CLASS = {"train": 30, "test": 10}
+# --smoke: one epoch on the cut-down data (all of it: no fraction), validated once.
+SMOKE_PRETRAIN = ["max_epochs=1", "data.fraction=-1", "check_val_every_n_epoch=1"]
+SMOKE_LINEAR = ["max_epochs=1", "data.fraction=-1"]
+# args.json values that only hold on the build machine -> the recipes' defaults
+PORTABLE = {
+    ("data", "train_path"): "datasets/cifar10/train",
+    ("data", "val_path"): "datasets/cifar10/test",
+    ("checkpoint", "dir"): "trained_models",
+}
+
+
+@dataclass
+class Build:
+    """What one entry's build produced."""
+
+    name: str
+    cfg: dict[str, Any]
+    files: list[Path]
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def unpack(archives: Path, target: Path) -> Path:
+    """``archives/{train,test}.tar.gz`` unpacked into ``target`` (once; a marker file says so)."""
+    marker = target / ".complete"
+    if not marker.is_file():
+        for split in ("train", "test"):
+            shutil.rmtree(target / split, ignore_errors=True)
+            with tarfile.open(archives / f"{split}.tar.gz") as tar:
+                tar.extractall(target, filter="data")
+        marker.touch()
+    return target
+
+
+def has_folders(source: Path) -> bool:
+    return (source / "train").is_dir() and (source / "test").is_dir()
+
+
+def resolve_data(source: Path, work: Path) -> Path:
+    """A folder with ``train/`` and ``test/`` ImageFolders, from folders or archives."""
+    if has_folders(source):
+        return source
+    if (source / "train.tar.gz").is_file() and (source / "test.tar.gz").is_file():
+        return unpack(source, work / "data" / "cifar10")
+    raise SystemExit(f"{source} holds neither train/ + test/ nor train.tar.gz + test.tar.gz")
+
+
+def _images(source: Path, split: str) -> Iterator[tuple[str, str, bytes]]:
+    """``(class, file name, bytes)`` of a split, from its folder or its archive, in order."""
+    if has_folders(source):
+        for class_dir in sorted(p for p in (source / split).iterdir() if p.is_dir()):
+            for image in sorted(class_dir.iterdir()):
+                yield class_dir.name, image.name, image.read_bytes()
+        return
+    with tarfile.open(source / f"{split}.tar.gz") as tar:
+        for member in tar:
+            parts = Path(member.name).parts
+            if member.isfile() and len(parts) == 3:
+                yield parts[1], parts[2], tar.extractfile(member).read()
+
+
+def cut_data(source: Path, target: Path, per_class: dict[str, int]) -> Path:
+    """The first ``per_class[split]`` images of each class of ``source``, written to ``target``."""
+    for split, n in per_class.items():
+        taken: dict[str, int] = {}
+        for label, name, data in _images(source, split):
+            if taken.get(label, 0) < n:
+                taken[label] = taken.get(label, 0) + 1
+                (target / split / label).mkdir(parents=True, exist_ok=True)
+                (target / split / label / name).write_bytes(data)
+    return target
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def pretrain(entry: str, data: Path, run_dir: Path, smoke: bool) -> tuple[Path, float | None]:
+    """Train ``entry``'s recipe; the last checkpoint and the final online linear acc@1 (%)."""
+    from solo.utils.checkpointer import Checkpointer
+
+    from solo_deepfusion.solo.launch import run_pretrain
+
+    argv = [
+        "--config-path", str(RECIPES), "--config-name", entry,
+        f"data.train_path={data / 'train'}", f"data.val_path={data / 'test'}",
+        f"checkpoint.dir={run_dir}", "auto_resume.enabled=False", "wandb.enabled=False",
+        *(SMOKE_PRETRAIN if smoke else []),
+    ]  # fmt: skip
+    trainer = run_pretrain(argv)
+    if trainer.interrupted:
+        raise SystemExit(f"{entry}: training was interrupted")
+    (checkpointer,) = [c for c in trainer.callbacks if isinstance(c, Checkpointer)]
+    online = trainer.callback_metrics.get("val_acc1")
+    return Path(checkpointer.last_ckpt), None if online is None else float(online)
+
+
+def knn_metrics(run: Path, data: Path) -> list[dict[str, Any]]:
+    """Weighted k-NN acc@1 (%) of the backbone features, test split, one metric per k."""
+    from solo_deepfusion.solo.evaluate import run_knn
+
+    argv = [
+        "--checkpoint-dir", str(run),
+        "--train-path", str(data / "train"), "--val-path", str(data / "test"),
+        "--k", *map(str, KNN_K), "--temperature", str(KNN_TEMPERATURE),
+        "--feature-type", "backbone", "--device", "cpu", "--num-workers", "2",
+    ]  # fmt: skip
+    results = run_knn(argv)
+    return [
+        metric(
+            "acc1",
+            row["acc1"],
+            kind="knn",
+            k=row["k"],
+            temperature=row["temperature"],
+            distance=row["distance"],
+            feature=row["feature"],
+            split="test",
+            train_images=results["train_images"],
+        )
+        for row in results["results"]
+    ]
+
+
+def linear_metrics(run: Path, data: Path, work: Path, smoke: bool) -> list[dict[str, Any]]:
+    """Offline linear probe acc@1 (%) on the frozen backbone, packaged ``cifar10_linear_quick``."""
+    from solo_deepfusion.solo.evaluate import run_linear
+
+    argv = [
+        "--config-name", LINEAR_RECIPE, f"pretrained_feature_extractor={run}",
+        f"data.train_path={data / 'train'}", f"data.val_path={data / 'test'}",
+        f"checkpoint.dir={work}", "auto_resume.enabled=False",
+        *(SMOKE_LINEAR if smoke else []),
+    ]  # fmt: skip
+    results = run_linear(argv)
+    return [
+        metric(
+            "acc1",
+            results["acc1"],
+            kind="offline_linear",
+            epochs=results["epochs"],
+            recipe=f"solo_deepfusion/configs/recipes/{LINEAR_RECIPE}.yaml",
+            split="test",
+        )
+    ]
+
+
+def metric(name: str, fraction: float, **protocol: Any) -> dict[str, Any]:
+    """A manifest metric: the value in percent, the protocol without ``None`` fields."""
+    clean = {k: v for k, v in protocol.items() if v is not None}
+    return {"name": name, "value": round(100 * float(fraction), 2), "protocol": clean}
+
+
+def evaluate(run: Path, data: Path, work: Path, smoke: bool) -> list[dict[str, Any]]:
+    """k-NN and linear metrics, or none (with a note) when the evaluation module is missing."""
+    try:
+        import solo_deepfusion.solo.evaluate  # noqa: F401
+    except ImportError as err:
+        print(f"note: skipping offline evaluation ({err})")
+        return []
+    return [*knn_metrics(run, data), *linear_metrics(run, data, work / "linear", smoke)]
+
+
+def portable_args(run_args: Path, out: Path) -> Path:
+    """The run's ``args.json`` without machine-specific values, written to ``out``.
+
+    Data and checkpoint paths become the recipes' defaults and the run id is dropped, so a rebuild
+    from the same recipe and commit gives byte-identical zoo files.
+    """
+    cfg = json.loads(run_args.read_text())
+    for (section, key), value in PORTABLE.items():
+        cfg[section][key] = value
+    cfg.pop("wandb_run_id", None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(cfg, indent=2) + "\n")
+    return out
+
+
+# ----------------------------------------------------------------------------- manifest entry
+
+
+def backbone_record(cfg: dict[str, Any]) -> dict[str, Any]:
+    stem = cfg["backbone"].get("stem", "auto")
+    if stem == "auto":  # solo-learn's own choice
+        stem = "cifar" if cfg["data"]["dataset"] in ("cifar10", "cifar100") else "imagenet"
+    return {"name": cfg["backbone"]["name"], "kwargs": cfg["backbone"]["kwargs"], "stem": stem}
+
+
+def dataset_label(cfg: dict[str, Any]) -> str:
+    """``cifar10``, or ``cifar10 (20%)`` when the recipe trains on a fraction."""
+    fraction = cfg["data"].get("fraction", -1)
+    dataset = cfg["data"]["dataset"]
+    return f"{dataset} ({fraction:.0%})" if 0 < fraction < 1 else dataset
+
+
+def manifest_entry(build: Build, zoo_dir: Path, url_bases: Sequence[str]) -> dict[str, Any]:
+    """The manifest record of ``build`` (files measured now)."""
+    from solo_deepfusion.hub import read_metadata
+    from solo_deepfusion.solo import base_method
+
+    cfg = build.cfg
+    commit = git_commit(REPO)
+    if commit is None:
+        raise SystemExit("no git commit to record: run from a git checkout of solo-deepfusion")
+    files = []
+    for path, role in zip(build.files, ROLES, strict=True):
+        urls = [path.relative_to(zoo_dir).as_posix()] if path.is_relative_to(zoo_dir) else []
+        urls += [f"{base.rstrip('/')}/{build.name}/{path.name}" for base in url_bases]
+        files.append(file_record(path, role, urls))
+    projector = {k: v for k, v in cfg.get("projector", {"name": "mlp"}).items() if v is not None}
+    return {
+        "name": build.name,
+        "method": base_method(cfg["method"]),
+        "projector": projector,
+        "backbone": backbone_record(cfg),
+        "dataset": dataset_label(cfg),
+        "epochs": cfg["max_epochs"],
+        "recipe": (RECIPES / f"{build.name}.yaml").relative_to(REPO).as_posix(),
+        "metrics": build.metrics,
+        "params": json.loads(read_metadata(build.files[1])["params"]),
+        "files": files,
+        "license": "MIT",
+        "date": dt.datetime.now(dt.UTC).date().isoformat(),
+        "code_commit": commit,
+    }
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def build_entry(
+    entry: str, data: Path, work: Path, files_dir: Path, args: argparse.Namespace
+) -> Build:
+    """Train, evaluate and export one entry; its files land in ``files_dir/<entry>``."""
+    from solo_deepfusion.solo.zoo import export_checkpoint
+
+    start = time.monotonic()
+    ckpt, online = pretrain(entry, data, work / "runs", args.smoke)
+    seconds = time.monotonic() - start
+    run = ckpt.parent
+    cfg = json.loads((run / "args.json").read_text())
+    metrics = []
+    if online is not None:
+        epochs = cfg["max_epochs"]
+        metrics.append(
+            metric("acc1", online / 100, kind="online_linear", epochs=epochs, split="test")
+        )
+    if not args.no_eval:
+        metrics += evaluate(run, data, work, args.smoke)
+    files = export_checkpoint(
+        ckpt,
+        portable_args(run / "args.json", work / "args" / f"{entry}.json"),
+        files_dir / entry,
+        name=entry,
+        half=not args.full_precision,
+    )
+    return Build(entry, cfg, files, metrics, seconds)
+
+
+def _metric_key(m: dict[str, Any]) -> tuple:
+    p = m["protocol"]
+    return m["name"], p["kind"], p.get("k"), p.get("feature")
+
+
+def compare(build: Build, old: dict[str, Any], tolerance: float, exact: bool) -> bool:
+    """Print how a rebuild differs from the manifest entry; whether it is within tolerance."""
+    ok = True
+    new_files = {f.name: f for f in build.files}
+    for rec in old["files"]:
+        path = new_files.get(rec["filename"])
+        digest = sha256_file(path) if path else None
+        same = digest == rec["sha256"]
+        ok &= same or not exact
+        print(f"  {'same' if same else 'DIFFERENT':<9} sha256 of {rec['filename']}")
+    old_metrics = {_metric_key(m): m["value"] for m in old["metrics"]}
+    for m in build.metrics:
+        before = old_metrics.get(_metric_key(m))
+        if before is None:
+            print(f"  new       {m['name']} {m['protocol']['kind']}: {m['value']}")
+            continue
+        within = abs(m["value"] - before) <= tolerance
+        ok &= within
+        verdict = "ok" if within else "OFF"
+        print(f"  {verdict:<9} {m['name']} {m['protocol']}: {m['value']} (manifest {before})")
+    return ok
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("entries", nargs="*", help="recipe names (default: every zoo/recipes/*)")
+    parser.add_argument("--data", type=Path, help=f"CIFAR-10 folder (default: ${DATA_ENV})")
+    parser.add_argument("--work", type=Path, help="runs, unpacked data (default: a temp folder)")
+    parser.add_argument("--zoo", type=Path, help="manifest folder (default: zoo/, --smoke: work)")
+    parser.add_argument("--url-base", action="append", default=[], help="mirror prefix")
+    parser.add_argument("--smoke", action="store_true", help="1 epoch on 300 images")
+    parser.add_argument("--check", action="store_true", help="rebuild and compare, write nothing")
+    parser.add_argument("--tolerance", type=float, default=1.0, help="--check: metric points")
+    parser.add_argument("--exact", action="store_true", help="--check: hashes must match too")
+    parser.add_argument("--no-eval", action="store_true", help="online linear accuracy only")
+    parser.add_argument("--full-precision", action="store_true", help="float32 weight files")
+    return parser.parse_args(list(argv))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Build (or ``--check``) the requested entries; the exit status."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from solo_deepfusion.hub import load_backbone
+
+    source = args.data or (Path(os.environ[DATA_ENV]) if os.environ.get(DATA_ENV) else None)
+    if source is None:
+        raise SystemExit(f"give --data or set ${DATA_ENV} to a CIFAR-10 folder")
+    entries = args.entries or sorted(p.stem for p in RECIPES.glob("*.yaml"))
+    unknown = [e for e in entries if not (RECIPES / f"{e}.yaml").is_file()]
+    if unknown:
+        raise SystemExit(f"no recipe zoo/recipes/<name>.yaml for {unknown}")
+    work = (args.work or Path(tempfile.mkdtemp(prefix="build_zoo-"))).resolve()
+    source = source.expanduser().resolve()
+    if args.smoke:
+        data = cut_data(source, work / "data" / "smoke", SMOKE_PER_CLASS)
+    else:
+        data = resolve_data(source, work)
+    zoo_dir = (args.zoo or (work / "zoo" if args.smoke else REPO / "zoo")).resolve()
+    manifest = zoo_dir / "manifest.yaml"
+    files_dir = work / "check" if args.check else zoo_dir / "files"
+
+    recorded = {}
+    if args.check:
+        if not manifest.is_file():
+            raise SystemExit(f"--check: no manifest at {manifest}")
+        recorded = {m["name"]: m for m in yaml.safe_load(manifest.read_text())["models"]}
+        missing = [e for e in entries if e not in recorded]
+        if missing:
+            raise SystemExit(f"--check: {missing} not in {manifest}")
+
+    ok = True
+    for entry in entries:
+        print(f"=== {entry}")
+        build = build_entry(entry, data, work, files_dir, args)
+        print(f"trained in {build.seconds / 60:.1f} min; metrics: {build.metrics}")
+        if args.check:
+            ok &= compare(build, recorded[entry], args.tolerance, args.exact)
+            continue
+        update_manifest(manifest, manifest_entry(build, zoo_dir, args.url_base))
+        load_backbone(entry, manifest=manifest, cache_dir=work / "cache", progress=False)
+        print(f"wrote {entry} to {manifest} (files in {files_dir / entry}); it loads back")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

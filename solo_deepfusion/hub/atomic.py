@@ -1,0 +1,35 @@
+"""Write a file so that readers see the old content or the complete new one, never a torn file.
+
+>>> with atomic_path("zoo/manifest.yaml") as tmp:
+...     tmp.write_text(text)          # replaces zoo/manifest.yaml only if this block succeeds
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .manifest import PathLike
+
+
+@contextmanager
+def atomic_path(path: PathLike, mode: int = 0o644) -> Iterator[Path]:
+    """A temporary file next to ``path``, renamed onto it (``os.replace``) when the block succeeds.
+
+    The parent folder is created; on any exception the temporary file is removed and ``path`` is
+    left as it was. The result gets permissions ``mode`` (``mkstemp`` would leave 0600).
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,236 @@
+"""The zoo on the solo-learn side: export a run's weights, load an entry, hand it to solo-learn.
+
+>>> files = export_checkpoint("trained_models/simclr_transformer/abcd1234/x-ep=4.ckpt",
+...                           "trained_models/simclr_transformer/abcd1234/args.json",
+...                           "zoo/files/my-entry", name="my-entry")
+>>> backbone = load_backbone("simclr-deepfusion-r18-cifar10-cpu")   # images -> pooled features
+>>> model = load_model("simclr-deepfusion-r18-cifar10-cpu")          # the whole BaseMethod
+>>> folder = export_solo("simclr-deepfusion-r18-cifar10-cpu", "solo_ckpts")
+>>> # python main_knn.py --pretrained_checkpoint_dir solo_ckpts/simclr_transformer ...
+
+Zoo files of an entry called ``<name>``: ``<name>.backbone.safetensors`` (the backbone's state
+dict, keys without ``backbone.``), ``<name>.full.safetensors`` (the whole model's state dict) and
+``<name>.args.json`` (the training cfg, which rebuilds the model with
+:func:`~solo_deepfusion.solo.model.build_model`). Weights are safetensors, never pickle.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning
+import torch
+from omegaconf import DictConfig, OmegaConf
+from solo.methods.base import BaseMethod
+from solo.utils.misc import omegaconf_select
+from torch import nn
+
+from solo_deepfusion.hub.atomic import atomic_path
+from solo_deepfusion.hub.download import download
+from solo_deepfusion.hub.manifest import PathLike, ZooEntry, get_entry
+from solo_deepfusion.hub.publish import git_commit
+from solo_deepfusion.hub.weights import load_state_dict, save_state_dict, upcast
+from solo_deepfusion.solo.data import CIFAR
+from solo_deepfusion.solo.model import build_model
+from solo_deepfusion.solo.model import load_model as load_run
+
+BACKBONE_PREFIX = "backbone."
+
+__all__ = [
+    "export_checkpoint",
+    "export_solo",
+    "head_module",
+    "load_backbone",
+    "load_model",
+    "param_counts",
+    "solo_args",
+    "zoo_filenames",
+]
+
+
+def zoo_filenames(name: str) -> dict[str, str]:
+    """``{role: filename}`` of the zoo files of entry ``name``."""
+    return {
+        "backbone": f"{name}.backbone.safetensors",
+        "full": f"{name}.full.safetensors",
+        "args": f"{name}.args.json",
+    }
+
+
+def head_module(model: BaseMethod) -> nn.Module:
+    """The projection head the transformer replaces (the variant's, or the stock MLP)."""
+    path = getattr(model, "context_projector", None)
+    if path is None:
+        path = "projector" if hasattr(model, "projector") else "head.mlp"  # DINO: head.mlp
+    return model.get_submodule(path)
+
+
+def param_counts(model: BaseMethod) -> dict[str, int]:
+    """Parameters of the backbone and of the projection head."""
+    return {
+        "backbone": sum(p.numel() for p in model.backbone.parameters()),
+        "head": sum(p.numel() for p in head_module(model).parameters()),
+    }
+
+
+def _write_json(data: Any, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def export_checkpoint(
+    ckpt_path: PathLike,
+    args_json: PathLike,
+    out_dir: PathLike,
+    *,
+    name: str,
+    half: bool = True,
+) -> list[Path]:
+    """Turn a Checkpointer run (``.ckpt`` + ``args.json``) into the zoo files of entry ``name``.
+
+    The model is rebuilt from ``args.json`` and the checkpoint loaded strictly, so the files
+    always rebuild the same model. ``half`` stores floating tensors as float16 (loaders upcast).
+    The safetensors headers record ``name``, ``role``, ``method``, ``projector``, ``backbone``,
+    ``stem``, ``params`` and ``code_commit`` (when this package is a git checkout). Each file is
+    written atomically; returns the backbone, full and args paths.
+
+    Only export checkpoints you trust: the ``.ckpt`` is a pickle (see ``load_model`` in
+    :mod:`solo_deepfusion.solo.model`).
+    """
+    cfg = OmegaConf.create(json.loads(Path(args_json).read_text(encoding="utf-8")))
+    model = load_run(ckpt_path, cfg, strict=True)
+    state = model.state_dict()
+    backbone = {
+        k.removeprefix(BACKBONE_PREFIX): v
+        for k, v in state.items()
+        if k.startswith(BACKBONE_PREFIX)
+    }
+    metadata = {
+        "name": name,
+        "method": cfg.method,
+        "projector": omegaconf_select(cfg, "projector.name", "mlp"),
+        "backbone": cfg.backbone.name,
+        "stem": omegaconf_select(cfg, "backbone.stem", "auto"),
+        "params": param_counts(model),
+    }
+    commit = git_commit()
+    if commit:
+        metadata["code_commit"] = commit
+    out, files = Path(out_dir), zoo_filenames(name)
+    return [
+        save_state_dict(
+            backbone, out / files["backbone"], {**metadata, "role": "backbone"}, half=half
+        ),
+        save_state_dict(state, out / files["full"], {**metadata, "role": "full"}, half=half),
+        _write_json(OmegaConf.to_container(cfg, resolve=True), out / files["args"]),
+    ]
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _entry(name: str | ZooEntry, manifest: PathLike | None) -> ZooEntry:
+    return name if isinstance(name, ZooEntry) else get_entry(name, manifest)
+
+
+def _cfg(entry: ZooEntry, **download_kwargs: Any) -> DictConfig:
+    path = download(entry, role="args", **download_kwargs)
+    return OmegaConf.create(json.loads(path.read_text(encoding="utf-8")))
+
+
+def load_backbone(
+    name: str | ZooEntry,
+    *,
+    cache_dir: PathLike | None = None,
+    offline: bool | None = None,
+    manifest: PathLike | None = None,
+    progress: bool = True,
+) -> nn.Module:
+    """The entry's backbone, built as its training cfg did, weights loaded strictly, in eval mode.
+
+    It maps images ``(B, 3, H, W)`` to pooled features ``(B, F)``; float32 whatever the file's
+    precision. Files come verified from the cache (see :func:`solo_deepfusion.hub.download`).
+    """
+    entry = _entry(name, manifest)
+    kwargs = {"cache_dir": cache_dir, "offline": offline, "progress": progress}
+    backbone = build_model(_cfg(entry, **kwargs)).backbone
+    state = upcast(load_state_dict(download(entry, role="backbone", **kwargs)))
+    backbone.load_state_dict(state, strict=True)
+    return backbone.eval()
+
+
+def load_model(
+    name: str | ZooEntry,
+    *,
+    cache_dir: PathLike | None = None,
+    offline: bool | None = None,
+    manifest: PathLike | None = None,
+    progress: bool = True,
+) -> BaseMethod:
+    """The entry's whole model (backbone, head, online classifier), loaded strictly, eval mode."""
+    entry = _entry(name, manifest)
+    kwargs = {"cache_dir": cache_dir, "offline": offline, "progress": progress}
+    model = build_model(_cfg(entry, **kwargs))
+    model.load_state_dict(
+        upcast(load_state_dict(download(entry, role="full", **kwargs))), strict=True
+    )
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- solo-learn export
+
+
+def solo_args(cfg: DictConfig) -> dict[str, Any]:
+    """``cfg`` as solo-learn's ``METHODS[method](cfg)`` must see it to rebuild the trained stem.
+
+    solo-learn gives a ResNet the CIFAR stem exactly when ``data.dataset`` is cifar10/100; when
+    the run chose the other stem (``backbone.stem``), ``data.dataset`` is set to one that makes
+    solo-learn build it (``custom`` / ``cifar10``). main_knn takes its data from its own
+    ``--dataset``, so only the model construction sees this.
+    """
+    args = OmegaConf.to_container(cfg, resolve=True)
+    stem = omegaconf_select(cfg, "backbone.stem", "auto")
+    if stem != "auto" and cfg.backbone.name.startswith("resnet"):
+        cifar = cfg.data.dataset in CIFAR
+        if stem == "imagenet" and cifar:
+            args["data"]["dataset"] = "custom"
+        elif stem == "cifar" and not cifar:
+            args["data"]["dataset"] = "cifar10"
+    return args
+
+
+def export_solo(
+    name: str | ZooEntry,
+    out_dir: PathLike,
+    *,
+    cache_dir: PathLike | None = None,
+    offline: bool | None = None,
+    manifest: PathLike | None = None,
+    progress: bool = True,
+) -> Path:
+    """Write ``<out_dir>/<method>/{<name>.ckpt, args.json}`` for solo-learn's own scripts.
+
+    The ``.ckpt`` holds only ``{"state_dict": {key: float32 tensor}, "pytorch-lightning_version":
+    str}`` (loadable with ``torch.load(..., weights_only=True)``): ``main_linear.py`` reads its
+    ``backbone.*`` keys, ``main_knn.py`` calls ``METHODS[args["method"]].load_from_checkpoint``
+    (a ``<method>_transformer`` needs ``import solo_deepfusion.solo`` first). Returns the folder
+    (``--pretrained_checkpoint_dir`` of main_knn). Refuses a folder holding another ``.ckpt``,
+    since main_knn takes the first one it lists.
+    """
+    entry = _entry(name, manifest)
+    kwargs = {"cache_dir": cache_dir, "offline": offline, "progress": progress}
+    cfg = _cfg(entry, **kwargs)
+    folder = Path(out_dir) / cfg.method
+    ckpt = folder / f"{entry.name}.ckpt"
+    others = sorted(p.name for p in folder.glob("*.ckpt") if p != ckpt)
+    if others:
+        raise FileExistsError(f"{folder} already holds {others}; export to another folder")
+    state = upcast(load_state_dict(download(entry, role="full", **kwargs)))
+    checkpoint = {"state_dict": state, "pytorch-lightning_version": lightning.__version__}
+    with atomic_path(ckpt) as tmp:
+        torch.save(checkpoint, tmp)
+    _write_json(solo_args(cfg), folder / "args.json")
+    return folder

@@ -1,0 +1,218 @@
+"""The zoo with real solo-learn: export a run, load it back, hand it to solo-learn's own loaders.
+
+A tiny ``simclr_transformer`` (ImageNet stem on "CIFAR" data, as the zoo's CPU recipes) is fitted
+one step and saved in the Checkpointer layout; its zoo files are served through a manifest next
+to them (relative URLs) and downloaded into a temporary cache.
+"""
+
+from __future__ import annotations
+
+import json
+import pickletools
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from solo_fixtures import HOST_PROBLEM, fit, method_cfg
+
+if HOST_PROBLEM is not None:
+    pytest.skip(HOST_PROBLEM, allow_module_level=True)
+
+from omegaconf import OmegaConf
+from solo.methods import METHODS
+from solo.methods.base import BaseMethod
+from torch import nn
+
+from solo_deepfusion import hub
+from solo_deepfusion.hub import cli
+from solo_deepfusion.hub.publish import file_record
+from solo_deepfusion.solo import register
+from solo_deepfusion.solo.model import build_model
+from solo_deepfusion.solo.zoo import export_checkpoint, param_counts
+
+pytestmark = pytest.mark.timeout(120)
+
+SMALL = {"name": "transformer", "preset": "small", "depth": 2, "dim": 32, "heads": 4}
+NAME = "tiny-df"
+HALF_TOL = {"rtol": 2e-2, "atol": 2e-2}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> tuple[BaseMethod, Path, Path]:
+    """A fitted model and its Checkpointer-style ``(ckpt, args.json)``."""
+    torch.manual_seed(0)
+    cfg = method_cfg("simclr_transformer", **SMALL)
+    cfg.backbone.stem = "imagenet"  # not what solo-learn picks for data.dataset=cifar10
+    model = build_model(cfg)
+    trainer = fit(model, steps=1)
+    folder = tmp_path_factory.mktemp("trained_models") / cfg.method / "abcd1234"
+    folder.mkdir(parents=True)
+    ckpt = folder / "test-abcd1234-ep=0.ckpt"
+    trainer.save_checkpoint(ckpt)
+    args = folder / "args.json"
+    args.write_text(json.dumps(OmegaConf.to_container(model.cfg)))
+    return model.eval(), ckpt, args
+
+
+@pytest.fixture(scope="module")
+def zoo(run, tmp_path_factory) -> Path:
+    """A manifest listing the run's zoo files (half precision) next to it."""
+    _, ckpt, args = run
+    folder = tmp_path_factory.mktemp("zoo")
+    files = export_checkpoint(ckpt, args, folder / "files", name=NAME)
+    roles = ("backbone", "full", "args")
+    records = [
+        file_record(path, role, [f"files/{path.name}"])
+        for path, role in zip(files, roles, strict=True)
+    ]
+    entry = {
+        "name": NAME,
+        "method": "simclr",
+        "projector": SMALL,
+        "backbone": {"name": "resnet18", "kwargs": {}, "stem": "imagenet"},
+        "dataset": "random",
+        "epochs": 1,
+        "recipe": "tests/test_zoo_solo.py",
+        "metrics": [{"name": "loss", "value": 0.0, "protocol": {"kind": "online_linear"}}],
+        "params": json.loads(hub.read_metadata(files[1])["params"]),
+        "files": records,
+        "license": "MIT",
+        "date": "2026-01-31",
+        "code_commit": "0123abc",
+    }
+    manifest = folder / "manifest.yaml"
+    manifest.write_text(yaml.safe_dump({"schema_version": 1, "models": [entry]}))
+    return manifest
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SOLO_DEEPFUSION_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("SOLO_DEEPFUSION_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+
+def images(n: int = 6) -> torch.Tensor:
+    return torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+def test_export_writes_the_zoo_files(run, tmp_path):
+    model, ckpt, args = run
+    files = export_checkpoint(ckpt, args, tmp_path, name="x", half=False)
+    assert [p.name for p in files] == [
+        "x.backbone.safetensors",
+        "x.full.safetensors",
+        "x.args.json",
+    ]
+    backbone = hub.load_state_dict(files[0])
+    assert backbone.keys() == model.backbone.state_dict().keys()
+    assert all(torch.equal(v, model.backbone.state_dict()[k]) for k, v in backbone.items())
+    assert hub.load_state_dict(files[1]).keys() == model.state_dict().keys()
+    assert json.loads(files[2].read_text()) == json.loads(args.read_text())
+    meta = hub.read_metadata(files[0])
+    assert meta["method"] == "simclr_transformer" and meta["projector"] == "transformer"
+    assert meta["stem"] == "imagenet" and meta["role"] == "backbone"
+    assert json.loads(meta["params"]) == param_counts(model)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in files)
+
+
+def test_load_backbone_gives_the_trained_features(run, zoo):
+    model, _, _ = run
+    backbone = hub.load_backbone(NAME, manifest=zoo, progress=False)
+    assert not backbone.training
+    assert type(backbone) is type(model.backbone)
+    assert backbone.conv1.kernel_size == (7, 7)  # the run's stem, not solo-learn's CIFAR one
+    with torch.no_grad():
+        expected, got = model.backbone(images()), backbone(images())
+    assert got.shape == (6, model.features_dim) and got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, **HALF_TOL)
+
+
+def test_load_model_strict_and_projector_matches(run, zoo):
+    model, _, _ = run
+    loaded = hub.load_model(NAME, manifest=zoo, progress=False)
+    assert type(loaded) is METHODS["simclr_transformer"] and not loaded.training
+    with torch.no_grad():
+        expected, got = model(images()), loaded(images())
+    torch.testing.assert_close(got["z"], expected["z"], **HALF_TOL)
+    torch.testing.assert_close(got["feats"], expected["feats"], **HALF_TOL)
+
+
+def pickled_globals(ckpt: Path) -> set[str]:
+    """Every ``module.name`` the checkpoint's pickle refers to (what unpickling would import)."""
+    with zipfile.ZipFile(ckpt) as archive:
+        (pkl,) = [n for n in archive.namelist() if n.endswith("/data.pkl")]
+        data = archive.read(pkl)
+    found, strings = set(), []
+    for op, arg, _ in pickletools.genops(data):
+        if op.name == "GLOBAL":
+            found.add(arg.replace(" ", "."))
+        elif op.name == "STACK_GLOBAL":
+            found.add(".".join(strings[-2:]))
+        elif isinstance(arg, str):
+            strings.append(arg)
+    return found
+
+
+def main_linear_backbone(args: dict, ckpt: Path) -> tuple[nn.Module, list[str]]:
+    """What solo-learn's main_linear.py does with ``pretrained_feature_extractor=ckpt``."""
+    backbone = BaseMethod._BACKBONES[args["backbone"]["name"]](
+        method=args["method"], **args["backbone"]["kwargs"]
+    )
+    backbone.fc = nn.Identity()
+    if args["data"]["dataset"] in ("cifar10", "cifar100"):
+        backbone.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=2, bias=False)
+        backbone.maxpool = nn.Identity()
+    state = torch.load(ckpt, map_location="cpu")["state_dict"]
+    for k in list(state.keys()):
+        if "encoder" in k:
+            state[k.replace("encoder", "backbone")] = state[k]
+        if "backbone" in k:
+            state[k.replace("backbone.", "")] = state[k]
+        del state[k]
+    result = backbone.load_state_dict(state, strict=False)
+    return backbone.eval(), result.missing_keys
+
+
+def test_export_solo_is_accepted_by_solo_learns_loaders(run, zoo, tmp_path):
+    model, _, _ = run
+    folder = hub.export_solo(NAME, tmp_path / "solo", manifest=zoo, progress=False)
+    assert folder == tmp_path / "solo" / "simclr_transformer"
+    assert sorted(p.name for p in folder.iterdir()) == ["args.json", f"{NAME}.ckpt"]
+    ckpt = folder / f"{NAME}.ckpt"
+
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert set(checkpoint) == {"state_dict", "pytorch-lightning_version"}
+    assert pickled_globals(ckpt) <= {
+        "collections.OrderedDict",
+        "torch._utils._rebuild_tensor_v2",
+        "torch.FloatStorage",
+        "torch.LongStorage",
+    }
+    args = json.loads((folder / "args.json").read_text())
+    assert args["method"] == "simclr_transformer"
+    assert args["data"]["dataset"] == "custom"  # so that solo-learn builds the ImageNet stem
+
+    backbone, missing = main_linear_backbone(args, ckpt)
+    assert missing == []
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(images()), model.backbone(images()), **HALF_TOL)
+
+    register()
+    solo_model = METHODS[args["method"]].load_from_checkpoint(
+        ckpt, strict=True, cfg=OmegaConf.create(args)
+    )
+    with torch.no_grad():
+        got = solo_model.eval()(images())["z"]
+    torch.testing.assert_close(got, model(images())["z"], **HALF_TOL)
+
+    (folder / "other.ckpt").write_bytes(b"")
+    with pytest.raises(FileExistsError, match="another folder"):
+        hub.export_solo(NAME, tmp_path / "solo", manifest=zoo, progress=False)
+
+
+def test_cli_export(run, zoo, tmp_path, capsys):
+    assert cli.main(["export", NAME, str(tmp_path), "--manifest", str(zoo)]) == 0
+    assert capsys.readouterr().out == f"{tmp_path / 'simclr_transformer'}\n"
