@@ -1,0 +1,219 @@
+"""Data for the launchers: solo-learn's loaders, plus CIFAR kept as an ImageFolder.
+
+solo-learn reads ``data.dataset=cifar10|cifar100`` from torchvision's pickles whatever
+``data.format`` says, and with ``data.dataset=custom`` it validates on 224 px ImageNet crops: a
+model trained on 32 px CIFAR crops is then evaluated at chance. Here a CIFAR dataset whose path is
+a folder of class sub-folders is read with ``ImageFolder`` and CIFAR's own 32 px transforms, for
+pretraining and evaluation alike; every other dataset goes through solo-learn unchanged.
+
+The trick is one function, :func:`builder_dataset`: solo-learn's dataset builders get ``custom``
+(their ``ImageFolder`` branch) while the transforms are still chosen with the real dataset name.
+
+A split shipped as an archive (``<path>.tar.gz`` next to where ``<path>`` would be, as in the
+project's CIFAR-10 copy) is unpacked once into the cache by :func:`unpacked`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path
+
+from omegaconf import DictConfig
+from solo.data.classification_dataloader import prepare_data, prepare_dataloaders
+from solo.data.classification_dataloader import prepare_datasets as classification_datasets
+from solo.data.classification_dataloader import prepare_transforms as classification_transforms
+from solo.data.pretrain_dataloader import (
+    FullTransformPipeline,
+    NCropAugmentation,
+    build_transform_pipeline,
+    prepare_dataloader,
+)
+from solo.data.pretrain_dataloader import prepare_datasets as pretrain_datasets
+from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets import CIFAR10, CIFAR100
+
+from solo_deepfusion.hub.cache import resolve_cache_dir
+
+CIFAR = ("cifar10", "cifar100")
+# What torchvision's CIFAR root holds: never mistaken for a class folder.
+_TORCHVISION_CIFAR_DIRS = {CIFAR10.base_folder, CIFAR100.base_folder}
+
+__all__ = [
+    "CIFAR",
+    "builder_dataset",
+    "classification_loaders",
+    "eval_datasets",
+    "is_cifar_folder",
+    "is_image_folder",
+    "pretrain_loader",
+    "pretrain_transform",
+    "pretrain_val_loader",
+    "unpack_data_paths",
+    "unpacked",
+]
+
+
+def unpacked(path: str | os.PathLike | None) -> str | None:
+    """``path``, or, when only ``<path>.tar.gz`` exists, where that archive is unpacked.
+
+    The archive is unpacked once, into ``<cache>/datasets/<key>/`` (the zoo's cache:
+    ``$SOLO_DEEPFUSION_CACHE``, else ``~/.cache/solo-deepfusion``), and must hold a
+    ``<name of path>/`` folder. Any other ``path`` is returned as it is, for solo-learn to read
+    (or download into).
+    """
+    if path is None:
+        return None
+    path = str(path)
+    if Path(path).exists():
+        return path
+    archive = Path(f"{path}.tar.gz").resolve()
+    if not archive.is_file():
+        return path
+    stat = archive.stat()
+    key = hashlib.sha256(f"{archive}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+    root = resolve_cache_dir() / "datasets" / key[:16]
+    if not root.is_dir():
+        _unpack(archive, root)
+    target = root / Path(path).name
+    if not target.is_dir():
+        raise FileNotFoundError(f"{archive} holds no {target.name}/ folder")
+    return str(target)
+
+
+def _unpack(archive: Path, root: Path) -> None:
+    """Unpack into a temporary folder renamed to ``root``: never a half-unpacked ``root``."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.")
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data")
+        with contextlib.suppress(OSError):  # another process (e.g. a DDP rank) was first
+            os.replace(tmp, root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def unpack_data_paths(cfg: DictConfig) -> DictConfig:
+    """Apply :func:`unpacked` to ``data.train_path`` and ``data.val_path``."""
+    for key in ("train_path", "val_path"):
+        if key in cfg.data:
+            cfg.data[key] = unpacked(cfg.data[key])
+    return cfg
+
+
+def is_image_folder(path: str | os.PathLike | None) -> bool:
+    """Whether ``path`` is a directory of class sub-folders (and not torchvision's CIFAR root)."""
+    if path is None or not Path(path).is_dir():
+        return False
+    subdirs = {entry.name for entry in os.scandir(path) if entry.is_dir()}
+    return bool(subdirs) and not subdirs & _TORCHVISION_CIFAR_DIRS
+
+
+def is_cifar_folder(dataset: str, path: str | os.PathLike | None) -> bool:
+    """CIFAR-10/100 kept as an ImageFolder (read here with CIFAR's 32 px transforms)."""
+    return dataset in CIFAR and is_image_folder(path)
+
+
+def builder_dataset(dataset: str, path: str | os.PathLike | None) -> str:
+    """The dataset name to hand solo-learn's dataset builders for data at ``path``.
+
+    ``custom`` makes them build an ``ImageFolder``; transforms are picked with ``dataset``.
+    """
+    return "custom" if is_cifar_folder(dataset, path) else dataset
+
+
+def pretrain_transform(cfg: DictConfig) -> FullTransformPipeline:
+    """The recipe's multi-crop augmentations (``cfg.augmentations``), as ``main_pretrain``."""
+    return FullTransformPipeline(
+        [
+            NCropAugmentation(build_transform_pipeline(cfg.data.dataset, aug), aug.num_crops)
+            for aug in cfg.augmentations
+        ]
+    )
+
+
+def pretrain_loader(cfg: DictConfig) -> DataLoader:
+    """The torchvision pretraining loader: batches of ``[index, [crops...], label]``."""
+    dataset = pretrain_datasets(
+        builder_dataset(cfg.data.dataset, cfg.data.train_path),
+        pretrain_transform(cfg),
+        train_data_path=cfg.data.train_path,
+        data_format=cfg.data.format,
+        no_labels=cfg.data.no_labels,
+        data_fraction=cfg.data.fraction,
+    )
+    return prepare_dataloader(
+        dataset, batch_size=cfg.optimizer.batch_size, num_workers=cfg.data.num_workers
+    )
+
+
+def classification_loaders(
+    cfg: DictConfig, data_format: str | None = None, auto_augment: bool = False
+) -> tuple[DataLoader, DataLoader]:
+    """Labelled train (shuffled, augmented) and validation loaders, as ``main_linear`` builds.
+
+    ``data_format`` defaults to ``cfg.data.format``; ``auto_augment`` is timm's 224 px
+    RandAugment, which solo-learn offers for ImageNet-sized data only.
+    """
+    data_format = data_format or cfg.data.format
+    common = {"batch_size": cfg.optimizer.batch_size, "num_workers": cfg.data.num_workers}
+    if not is_cifar_folder(cfg.data.dataset, cfg.data.train_path):
+        return prepare_data(
+            cfg.data.dataset,
+            train_data_path=cfg.data.train_path,
+            val_data_path=cfg.data.val_path,
+            data_format=data_format,
+            data_fraction=cfg.data.fraction,
+            auto_augment=auto_augment,
+            **common,
+        )
+    if auto_augment:
+        raise ValueError("auto_augment is a 224 px pipeline; it does not apply to 32 px CIFAR")
+    train_transform, val_transform = classification_transforms(cfg.data.dataset)
+    train, val = classification_datasets(
+        "custom",
+        train_transform,
+        val_transform,
+        train_data_path=cfg.data.train_path,
+        val_data_path=cfg.data.val_path,
+        data_format=data_format,
+        data_fraction=cfg.data.fraction,
+    )
+    return prepare_dataloaders(train, val, **common)
+
+
+def pretrain_val_loader(cfg: DictConfig) -> DataLoader | None:
+    """The online-evaluation loader of a pretraining run, or ``None`` (as ``main_pretrain``)."""
+    if cfg.data.val_path is None and (
+        cfg.data.dataset in ("custom", "imagenet", "imagenet100")
+        or is_cifar_folder(cfg.data.dataset, cfg.data.train_path)
+    ):
+        return None
+    if cfg.data.dataset == "custom" and cfg.data.no_labels:
+        return None
+    # solo-learn validates DALI runs with the torchvision loader, as does this.
+    data_format = "image_folder" if cfg.data.format == "dali" else cfg.data.format
+    return classification_loaders(cfg, data_format=data_format)[1]
+
+
+def eval_datasets(
+    dataset: str,
+    train_path: str | os.PathLike | None,
+    val_path: str | os.PathLike | None,
+    data_format: str = "image_folder",
+) -> tuple[Dataset, Dataset]:
+    """Train and validation sets, both with the validation transform (feature extraction)."""
+    _, val_transform = classification_transforms(dataset)
+    return classification_datasets(
+        builder_dataset(dataset, train_path),
+        val_transform,
+        val_transform,
+        train_data_path=train_path,
+        val_data_path=val_path,
+        data_format=data_format,
+    )

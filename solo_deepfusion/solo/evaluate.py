@@ -1,0 +1,437 @@
+"""``solo-deepfusion linear`` and ``solo-deepfusion knn``: offline evaluation of a pretraining run.
+
+Both read a run as solo-learn's Checkpointer leaves it (a folder holding ``args.json`` and a
+``.ckpt``) and rebuild its model with :func:`~solo_deepfusion.solo.model.load_model`, strictly: a
+variant's head is loaded, never silently left random. Both run on CPU or GPU and read CIFAR kept
+as an ImageFolder with CIFAR's 32 px transforms (:mod:`solo_deepfusion.solo.data`).
+
+* ``linear``: ``main_linear``'s command line (``--config-path/--config-name`` + Hydra overrides,
+  ``pretrained_feature_extractor=<checkpoint or run folder>``) and flow (solo-learn's
+  ``parse_cfg``, ``LinearModel``, Checkpointer in ``<checkpoint.dir>/linear``), with the backbone
+  (name, stem, weights) taken from the run. Then one validation pass gives the accuracies.
+* ``knn``: ``main_knn``'s weighted k-NN (solo-learn's ``WeightedKNNClassifier``) on backbone and
+  projector features, minus its CUDA-only feature extraction.
+
+``--output-json PATH`` writes the results (atomically) besides printing them; accuracies are
+fractions in [0, 1] (solo-learn logs percentages).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import sys
+import tempfile
+from argparse import Namespace
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import seed_everything
+from omegaconf import DictConfig, OmegaConf
+from solo.args.linear import parse_cfg
+from solo.methods.base import BaseMethod
+from solo.methods.linear import LinearModel
+from solo.utils.knn import WeightedKNNClassifier
+from solo.utils.misc import make_contiguous, omegaconf_select
+from timm.data.mixup import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from solo_deepfusion.solo.data import (
+    classification_loaders,
+    eval_datasets,
+    unpack_data_paths,
+    unpacked,
+)
+from solo_deepfusion.solo.launch import (
+    CommandParser,
+    UsageError,
+    checkpoint_callbacks,
+    compose_config,
+    config_parser,
+    dali_module,
+    make_logger,
+    make_trainer,
+    parse_config_args,
+    prepare_hardware,
+    resume_checkpoint,
+)
+from solo_deepfusion.solo.model import load_model
+
+FEATURE_TYPES = ("backbone", "projector")
+DISTANCES = ("cosine", "euclidean")
+# Eval batches are shuffled with this seed: ImageFolder order is class-sorted, and a batch of one
+# class would leak labels into batch-dependent (transformer) projector features.
+EVAL_SEED = 0
+
+__all__ = [
+    "PretrainedRun",
+    "extract_features",
+    "find_run",
+    "knn",
+    "knn_accuracy",
+    "knn_parser",
+    "linear",
+    "linear_config",
+    "run_knn",
+    "run_linear",
+    "write_json",
+]
+
+
+@dataclass(frozen=True)
+class PretrainedRun:
+    """A pretraining checkpoint and the config (``args.json``) that rebuilds its model."""
+
+    checkpoint: Path
+    cfg: DictConfig
+
+    def load(self) -> BaseMethod:
+        return load_model(self.checkpoint, self.cfg, strict=True)
+
+    @property
+    def transformer_head(self) -> bool:
+        return omegaconf_select(self.cfg, "projector.name", "mlp") == "transformer"
+
+
+def find_run(path: str | os.PathLike) -> PretrainedRun:
+    """The run at ``path``: a checkpoint file, or a folder with ``args.json`` and ``.ckpt`` files.
+
+    A folder with several checkpoints (``checkpoint.keep_prev``) gives the newest.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        checkpoints = sorted(path.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not checkpoints:
+            raise UsageError(f"no .ckpt file in {path}")
+        checkpoint = checkpoints[-1]
+    elif path.is_file():
+        checkpoint = path
+    else:
+        raise UsageError(f"{path} does not exist")
+    args = checkpoint.parent / "args.json"
+    if not args.is_file():
+        raise UsageError(f"{checkpoint.parent} has no args.json (written next to the checkpoint)")
+    return PretrainedRun(checkpoint, OmegaConf.create(json.loads(args.read_text())))
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as JSON through a temporary file, so ``path`` is never half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _report(results: dict[str, Any], output: Path | None) -> None:
+    if output is not None:
+        write_json(output, results)
+        print(f"results written to {output}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear evaluation
+
+
+def linear_config(argv: Sequence[str]) -> tuple[DictConfig, PretrainedRun, Path | None]:
+    """The parsed linear-evaluation config, the run it evaluates and ``--output-json``."""
+    parser = config_parser("solo-deepfusion linear")
+    parser.add_argument("--output-json", type=Path, help="also write the results here")
+    args, overrides = parse_config_args(parser, argv)
+    cfg = compose_config(args.config_dir, args.config_name, overrides)
+    source = omegaconf_select(cfg, "pretrained_feature_extractor", None)
+    if source is None:
+        raise UsageError("set pretrained_feature_extractor=<checkpoint, or its run folder>")
+    run = find_run(source)
+    cfg.pretrained_feature_extractor = str(run.checkpoint)
+    # The run decides the backbone (name, kwargs, stem); a recipe's backbone keys are replaced.
+    cfg.backbone = run.cfg.backbone
+    cfg.pretrain_method = run.cfg.method
+    return parse_cfg(prepare_hardware(unpack_data_paths(cfg))), run, args.output_json
+
+
+def _loss_and_mixup(cfg: DictConfig) -> tuple[nn.Module, Mixup | None]:
+    """main_linear's choice: mixup/cutmix (soft targets), label smoothing or cross-entropy."""
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        mixup = Mixup(
+            mixup_alpha=cfg.mixup,
+            cutmix_alpha=cfg.cutmix,
+            cutmix_minmax=None,
+            prob=1.0,
+            switch_prob=0.5,
+            mode="batch",
+            label_smoothing=cfg.label_smoothing,
+            num_classes=cfg.data.num_classes,
+        )
+        return SoftTargetCrossEntropy(), mixup
+    if cfg.label_smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=cfg.label_smoothing), None
+    return nn.CrossEntropyLoss(), None
+
+
+def _linear_data(cfg: DictConfig) -> tuple[dict[str, Any], DataLoader]:
+    """``trainer.fit`` data arguments and the validation loader (torchvision, as main_linear)."""
+    dali = cfg.data.format == "dali"
+    if dali and cfg.auto_augment:
+        raise UsageError("auto_augment is not available with data.format=dali")
+    train_loader, val_loader = classification_loaders(
+        cfg, data_format="image_folder" if dali else None, auto_augment=cfg.auto_augment
+    )
+    if not dali:
+        return {"train_dataloaders": train_loader, "val_dataloaders": val_loader}, val_loader
+    datamodule = dali_module(cfg).ClassificationDALIDataModule(
+        dataset=cfg.data.dataset,
+        train_data_path=cfg.data.train_path,
+        val_data_path=cfg.data.val_path,
+        num_workers=cfg.data.num_workers,
+        batch_size=cfg.optimizer.batch_size,
+        data_fraction=cfg.data.fraction,
+        dali_device=cfg.dali.device,
+        val_loader=val_loader,
+    )
+    return {"datamodule": datamodule}, val_loader
+
+
+def run_linear(argv: Sequence[str]) -> dict[str, Any]:
+    """Train a linear probe on the run's frozen backbone (or finetune it); return the results."""
+    cfg, run, output = linear_config(argv)
+    seed_everything(cfg.seed)
+    loss, mixup = _loss_and_mixup(cfg)
+    model = LinearModel(run.load().backbone, loss_func=loss, mixup_func=mixup, cfg=cfg)
+    make_contiguous(model)
+    if not cfg.performance.disable_channel_last:
+        model = model.to(memory_format=torch.channels_last)
+    data, val_loader = _linear_data(cfg)
+
+    logdir = Path(cfg.checkpoint.dir) / "linear"
+    ckpt_path, wandb_run_id = resume_checkpoint(cfg, logdir)
+    logger = make_logger(cfg, logdir, wandb_run_id, model)
+    trainer = make_trainer(cfg, logger, checkpoint_callbacks(cfg, logdir))
+    trainer.fit(model, ckpt_path=ckpt_path, **data)
+    metrics = trainer.validate(model, dataloaders=val_loader, verbose=False)[0]
+
+    results = {
+        "checkpoint": str(run.checkpoint),
+        "method": run.cfg.method,
+        "dataset": cfg.data.dataset,
+        "epochs": cfg.max_epochs,
+        "finetune": cfg.finetune,
+        "acc1": metrics["val_acc1"] / 100,
+        "acc5": metrics["val_acc5"] / 100,
+        "loss": metrics["val_loss"],
+    }
+    if trainer.is_global_zero:
+        print(f"\nlinear evaluation of {run.checkpoint} ({run.cfg.method}) on {cfg.data.dataset}")
+        print(f"  val acc@1  {results['acc1']:.4f}\n  val acc@5  {results['acc5']:.4f}")
+        _report(results, output)
+    return results
+
+
+def linear(argv: Sequence[str]) -> int:
+    """``solo-deepfusion linear``; returns the exit status (2: bad command line or recipe)."""
+    try:
+        run_linear(argv)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# k-NN
+
+
+def knn_parser() -> CommandParser:
+    """``main_knn``'s options (its ``_`` spellings are accepted too), with defaults from the run."""
+    parser = CommandParser(prog="solo-deepfusion knn", allow_abbrev=False)
+    add = parser.add_argument
+    add(
+        "--checkpoint-dir",
+        "--pretrained_checkpoint_dir",
+        type=Path,
+        required=True,
+        help="a pretraining run folder (args.json + .ckpt), or its checkpoint",
+    )
+    add("--dataset", help="default: the run's data.dataset")
+    add("--train-path", "--train_data_path", help="default: the run's data.train_path")
+    add("--val-path", "--val_data_path", help="default: the run's data.val_path")
+    add("--data-format", "--data_format", default="image_folder", choices=("image_folder", "h5"))
+    add("--k", type=int, nargs="+", default=[20])
+    add("--temperature", type=float, nargs="+", default=[0.07], help="cosine distance only")
+    add(
+        "--distance-function",
+        "--distance_function",
+        nargs="+",
+        default=["cosine"],
+        choices=DISTANCES,
+    )
+    add(
+        "--feature-type",
+        "--feature_type",
+        nargs="+",
+        default=list(FEATURE_TYPES),
+        choices=FEATURE_TYPES,
+    )
+    add(
+        "--batch-size",
+        "--batch_size",
+        type=int,
+        default=256,
+        help="also the attention context of a transformer projector's features",
+    )
+    add("--num-workers", "--num_workers", type=int, default=4)
+    add("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    add("--output-json", type=Path, help="also write the results here")
+    return parser
+
+
+def extract_features(
+    model: BaseMethod, dataset: Dataset, batch_size: int, num_workers: int, device: torch.device
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Backbone (``feats``) and projector (``z``) features of ``dataset``, and its labels.
+
+    Batches are shuffled with a fixed seed (see ``EVAL_SEED``).
+    """
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(EVAL_SEED),
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    features: dict[str, list[torch.Tensor]] = {name: [] for name in FEATURE_TYPES}
+    labels = []
+    model.eval()
+    with torch.no_grad():
+        for x, y in loader:
+            out = model(x.to(device, non_blocking=True))
+            features["backbone"].append(out["feats"])
+            features["projector"].append(out["z"])
+            labels.append(y.to(device))
+    return {name: torch.cat(feats) for name, feats in features.items()}, torch.cat(labels)
+
+
+def knn_accuracy(
+    train: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    k: int,
+    temperature: float | None,
+    distance: str,
+) -> tuple[float, float]:
+    """Weighted k-NN acc@1 and acc@5 (fractions) of ``(features, labels)`` pairs."""
+    classifier = WeightedKNNClassifier(k=k, T=temperature, distance_fx=distance)
+    classifier.update(
+        train_features=train[0], train_targets=train[1], test_features=test[0], test_targets=test[1]
+    )
+    acc1, acc5 = classifier.compute()
+    return acc1 / 100, acc5 / 100
+
+
+def _knn_settings(args: Namespace) -> Iterator[tuple[str, str, int, float | None]]:
+    """``(feature, distance, k, temperature)`` combinations; the temperature is cosine's only."""
+    combinations = itertools.product(args.feature_type, args.distance_function, args.k)
+    for feature, distance, k in combinations:
+        for temperature in args.temperature if distance == "cosine" else [None]:
+            yield feature, distance, k, temperature
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: CUDA is not available here")
+    return torch.device(name)
+
+
+def run_knn(argv: Sequence[str]) -> dict[str, Any]:
+    """k-NN accuracies of the run's features for every requested combination; the results."""
+    args = knn_parser().parse_args(list(argv))
+    run = find_run(args.checkpoint_dir)
+    data = run.cfg.data
+    dataset = args.dataset or data.dataset
+    train_path = unpacked(args.train_path or data.train_path)
+    val_path = unpacked(args.val_path or data.val_path)
+    if val_path is None:
+        raise UsageError("the run has no data.val_path: give --val-path")
+    device = _device(args.device)
+
+    model = run.load().to(device)
+    splits = eval_datasets(dataset, train_path, val_path, data_format=args.data_format)
+    train, test = (
+        extract_features(model, split, args.batch_size, args.num_workers, device)
+        for split in splits
+    )
+    rows = []
+    for feature, distance, k, temperature in _knn_settings(args):
+        acc1, acc5 = knn_accuracy(
+            (train[0][feature], train[1]), (test[0][feature], test[1]), k, temperature, distance
+        )
+        rows.append(
+            {
+                "feature": feature,
+                "distance": distance,
+                "k": k,
+                "temperature": temperature,
+                "acc1": acc1,
+                "acc5": acc5,
+            }
+        )
+    notes = []
+    if run.transformer_head and "projector" in args.feature_type:
+        notes.append(
+            "projector features come from a transformer head attending across each eval batch "
+            f"({args.batch_size} images, seeded shuffle): they depend on the batch size"
+        )
+    results = {
+        "checkpoint": str(run.checkpoint),
+        "method": run.cfg.method,
+        "dataset": dataset,
+        "train_images": len(splits[0]),
+        "val_images": len(splits[1]),
+        "batch_size": args.batch_size,
+        "device": str(device),
+        "results": rows,
+        "notes": notes,
+    }
+    _print_knn(results)
+    _report(results, args.output_json)
+    return results
+
+
+def _print_knn(results: dict[str, Any]) -> None:
+    print(
+        f"\nk-NN of {results['checkpoint']} ({results['method']}) on {results['dataset']}: "
+        f"{results['train_images']} train / {results['val_images']} val images, "
+        f"{results['device']}"
+    )
+    print(f"{'feature':<10} {'distance':<10} {'k':>5} {'T':>6} {'acc@1':>7} {'acc@5':>7}")
+    for row in results["results"]:
+        temperature = "-" if row["temperature"] is None else f"{row['temperature']:g}"
+        print(
+            f"{row['feature']:<10} {row['distance']:<10} {row['k']:>5} {temperature:>6} "
+            f"{row['acc1']:>7.4f} {row['acc5']:>7.4f}"
+        )
+    for note in results["notes"]:
+        print(f"note: {note}")
+
+
+def knn(argv: Sequence[str]) -> int:
+    """``solo-deepfusion knn``; returns the exit status (2: bad command line)."""
+    try:
+        run_knn(argv)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

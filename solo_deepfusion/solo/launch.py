@@ -1,0 +1,498 @@
+"""``solo-deepfusion pretrain``: solo-learn's ``main_pretrain`` flow, plus the projector switch.
+
+The command line is ``main_pretrain.py``'s (``--config-path DIR --config-name NAME`` and Hydra
+overrides) plus the projector choice, in any of these forms::
+
+    --projector transformer | --projector=transformer | projector=transformer | +projector=...
+
+It selects the packaged ``projector`` config group (so ``projector.depth=4``-style overrides work)
+and trains ``<method>_<projector>``; with none, the recipe's ``projector`` (if any) or the one its
+``method`` names is used, else ``mlp``: the stock method. ``--config-name`` alone looks in the
+packaged recipes. What differs from ``main_pretrain``, each for a reason named where it is done:
+the CPU settings (:func:`prepare_hardware`), CIFAR kept as an ImageFolder
+(:mod:`solo_deepfusion.solo.data`), DALI without GPU (:mod:`solo_deepfusion.solo.dali`), resuming
+(:class:`ProjectorAutoResumer`, :class:`SoloCheckpointIO`) and the logger
+(:func:`make_logger`). The building blocks are shared with :mod:`solo_deepfusion.solo.evaluate`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.resources
+import inspect
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from types import ModuleType
+from typing import Any, ClassVar, NoReturn
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException, MissingConfigException
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.plugins import TorchCheckpointIO
+from lightning.pytorch.strategies import DDPStrategy
+from omegaconf import DictConfig, OmegaConf
+from solo.args.pretrain import parse_cfg
+from solo.methods import METHODS
+from solo.utils.auto_resumer import AutoResumer
+from solo.utils.checkpointer import Checkpointer
+from solo.utils.misc import make_contiguous, omegaconf_select
+
+from solo_deepfusion.solo import base_method, register, variant_name
+from solo_deepfusion.solo.data import pretrain_loader, pretrain_val_loader, unpack_data_paths
+from solo_deepfusion.solo.model import build_model
+
+PACKAGED_CONFIGS = "pkg://solo_deepfusion.configs"
+RECIPES_DIR = Path(str(importlib.resources.files("solo_deepfusion.configs") / "recipes"))
+_PROJECTOR_OVERRIDE = re.compile(r"(?:--|\+{1,2})?projector=(.*)")
+# fp16 autocast, which Lightning refuses on CPU.
+_FP16_MIXED = {16, "16", "16-mixed"}
+
+__all__ = [
+    "PACKAGED_CONFIGS",
+    "RECIPES_DIR",
+    "CommandParser",
+    "ProjectorAutoResumer",
+    "SoloCheckpointIO",
+    "UsageError",
+    "checkpoint_callbacks",
+    "compose_config",
+    "config_parser",
+    "dali_module",
+    "device_indices",
+    "drop_static_lr",
+    "lightning_devices",
+    "make_logger",
+    "make_trainer",
+    "parse_config_args",
+    "prepare_hardware",
+    "pretrain",
+    "pretrain_config",
+    "resume_checkpoint",
+    "rewrite_projector_args",
+    "run_pretrain",
+    "select_variant",
+    "split_projector",
+    "with_packaged_configs",
+]
+
+
+class UsageError(ValueError):
+    """A bad command line or recipe: reported in one line, without a traceback."""
+
+
+class CommandParser(argparse.ArgumentParser):
+    """An argparse parser whose errors raise :class:`UsageError` (exit status 2 in the CLI)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line and config
+
+
+def split_projector(argv: Sequence[str]) -> tuple[str | None, list[str]]:
+    """Take the projector choice out of ``argv``: ``(name or None, the other arguments)``.
+
+    Accepts ``--projector X``, ``--projector=X``, ``projector=X``, ``+projector=X`` (and
+    ``++projector=X``); the last one given wins, as with Hydra overrides.
+    """
+    name, rest = None, []
+    tokens = iter(argv)
+    for token in tokens:
+        if token == "--projector":
+            name = next(tokens, "")
+        elif match := _PROJECTOR_OVERRIDE.fullmatch(token):
+            name = match.group(1)
+        else:
+            rest.append(token)
+            continue
+        if not name:
+            raise UsageError("--projector needs a value (mlp, transformer, mlp_matched, ...)")
+    return name, rest
+
+
+def rewrite_projector_args(argv: Sequence[str]) -> list[str]:
+    """``argv`` with its projector choice as the one Hydra accepts on a stock recipe.
+
+    Stock recipes have no ``projector`` in their defaults list, so Hydra's struct mode only takes
+    the append form ``+projector=X`` (and its argparse rejects ``--projector``).
+    """
+    name, rest = split_projector(argv)
+    return rest if name is None else [*rest, f"+projector={name}"]
+
+
+def config_parser(prog: str) -> argparse.ArgumentParser:
+    """Hydra's ``--config-path/-cp`` and ``--config-name/-cn``; add a command's own options."""
+    parser = CommandParser(prog=prog, allow_abbrev=False)
+    parser.add_argument(
+        "--config-path", "-cp", type=Path, help=f"recipe folder (default: {RECIPES_DIR})"
+    )
+    parser.add_argument("--config-name", "-cn", required=True, help="recipe, e.g. simclr.yaml")
+    return parser
+
+
+def parse_config_args(
+    parser: argparse.ArgumentParser, argv: Sequence[str]
+) -> tuple[argparse.Namespace, list[str]]:
+    """Parse the options; the rest are Hydra overrides. Sets ``config_dir`` (absolute)."""
+    args, overrides = parser.parse_known_args(list(argv))
+    unknown = [token for token in overrides if token.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    config_dir = (args.config_path or RECIPES_DIR).expanduser().resolve()
+    if not config_dir.is_dir():
+        parser.error(f"--config-path {config_dir} is not a folder")
+    args.config_dir = config_dir
+    return args, overrides
+
+
+def with_packaged_configs(overrides: Sequence[str]) -> list[str]:
+    """Put the packaged config groups (``projector``) on Hydra's search path, keeping the user's.
+
+    Note: a command-line ``hydra.searchpath`` replaces one set in the recipe itself.
+    """
+    out, extended = [], False
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if sep and key.lstrip("+") == "hydra.searchpath":
+            entries = value.strip().removeprefix("[").removesuffix("]").strip()
+            override = f"{key}=[{entries + ',' if entries else ''}{PACKAGED_CONFIGS}]"
+            extended = True
+        out.append(override)
+    return out if extended else [*out, f"hydra.searchpath=[{PACKAGED_CONFIGS}]"]
+
+
+def compose_config(config_dir: Path, config_name: str, overrides: Sequence[str]) -> DictConfig:
+    """The recipe with its overrides, as ``@hydra.main`` hands it to ``main_pretrain``.
+
+    Struct mode is off (as ``main_pretrain`` does) and interpolations are resolved, so that
+    ``args.json`` records the values the run used (e.g. ``${oc.env:SOLO_DEEPFUSION_DATA}``).
+    """
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.2"):
+            cfg = compose(config_name, overrides=with_packaged_configs(overrides))
+    except MissingConfigException as err:
+        group, _, choice = (err.missing_cfg_file or "").partition("/")
+        if group == "projector" and err.options:
+            raise UsageError(
+                f"unknown projector {choice!r}; choose from: {', '.join(sorted(err.options))}"
+            ) from err
+        raise UsageError(str(err)) from err
+    except HydraException as err:
+        raise UsageError(str(err)) from err
+    OmegaConf.set_struct(cfg, False)
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Hardware
+
+
+def device_indices(devices: Any, accelerator: str) -> list[int]:
+    """``devices`` as a list of indices, whatever form the recipe or command line used.
+
+    solo-learn's ``parse_cfg`` scales the LR by ``len(devices)``, so an int breaks it, while
+    Lightning's CPU accelerator rejects lists: a list is kept in the config and
+    :func:`lightning_devices` gives Lightning what it takes. ``auto``/``-1``: every GPU, or one
+    CPU process.
+    """
+    if isinstance(devices, str):
+        devices = devices.strip()
+        if "," in devices:
+            return [int(d) for d in devices.split(",") if d.strip()]
+        devices = devices if devices == "auto" else int(devices)
+    if devices in (None, "auto", -1):
+        count = torch.cuda.device_count() if accelerator != "cpu" else 1
+        return list(range(count))
+    if isinstance(devices, int):
+        return list(range(devices))
+    return [int(d) for d in devices]
+
+
+def lightning_devices(cfg: DictConfig) -> int | list[int]:
+    """What ``Trainer(devices=...)`` takes for ``cfg.devices``: a count on CPU, else the list."""
+    return len(cfg.devices) if cfg.accelerator == "cpu" else list(cfg.devices)
+
+
+def prepare_hardware(cfg: DictConfig) -> DictConfig:
+    """Make the recipe's Lightning settings valid on this accelerator (call before parse_cfg).
+
+    Stock recipes ask for GPUs with ``sync_batchnorm: True`` and ``precision: 16-mixed``. On
+    CPU, SyncBatchNorm needs GPU tensors and Lightning refuses fp16 autocast, so they become
+    ``False`` and ``32`` (not ``bf16-mixed``: it is slow on CPUs without bf16 units and changes
+    the numbers of a run that only asked for speed). An explicit ``bf16-mixed`` is kept.
+    """
+    accelerator = omegaconf_select(cfg, "accelerator", "auto")
+    if accelerator == "auto":
+        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    cfg.accelerator = accelerator
+    cfg.devices = device_indices(omegaconf_select(cfg, "devices", "auto"), accelerator)
+    if accelerator == "cpu":
+        cfg.sync_batchnorm = False
+        if omegaconf_select(cfg, "precision", 32) in _FP16_MIXED:
+            print(f"precision={cfg.precision}: no fp16 autocast on CPU; using precision=32")
+            cfg.precision = 32
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Pretraining config
+
+
+def select_variant(cfg: DictConfig) -> DictConfig:
+    """Set ``cfg.method`` to the METHODS entry that trains the method with ``cfg.projector``.
+
+    Without a ``projector`` section, the one named by ``cfg.method`` is used (``mlp`` for a
+    stock method), so ``method=simclr_transformer`` works on its own.
+    """
+    base = base_method(cfg.method)
+    implied = cfg.method.removeprefix(base).removeprefix("_") or "mlp"
+    if omegaconf_select(cfg, "projector", None) is None:
+        cfg.projector = {"name": implied}
+    name = cfg.projector.name
+    if implied != "mlp" and name != implied:
+        raise UsageError(f"method={cfg.method} contradicts projector={name}; give one of them")
+    try:
+        cfg.method = variant_name(base, name)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    if cfg.method not in METHODS:
+        if base in METHODS:
+            raise UsageError(f"method {base!r} has no projection head to replace with {name!r}")
+        stock = sorted(m for m in METHODS if base_method(m) == m)
+        raise UsageError(f"unknown method {base!r}; choose from: {', '.join(stock)}")
+    return cfg
+
+
+def pretrain_config(argv: Sequence[str]) -> DictConfig:
+    """The parsed pretraining config of a command line (see the module docstring)."""
+    register()
+    args, overrides = parse_config_args(
+        config_parser("solo-deepfusion pretrain"), rewrite_projector_args(argv)
+    )
+    cfg = compose_config(args.config_dir, args.config_name, overrides)
+    cfg = parse_cfg(prepare_hardware(unpack_data_paths(cfg)))
+    select_variant(cfg)
+    # main_pretrain's crop rule, on the stock name: W-MSE and MAE take any number of crops.
+    if cfg.data.num_large_crops != 2 and base_method(cfg.method) not in ("wmse", "mae"):
+        raise UsageError(f"{cfg.method} needs 2 large crops, got {cfg.data.num_large_crops}")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming, logging, the trainer
+
+
+@contextmanager
+def _class_attribute(cls: type, name: str, value: Any) -> Iterator[None]:
+    saved = getattr(cls, name)
+    setattr(cls, name, value)
+    try:
+        yield
+    finally:
+        setattr(cls, name, saved)
+
+
+class ProjectorAutoResumer(AutoResumer):
+    """solo-learn's AutoResumer that also requires the same ``projector`` config.
+
+    The method name already keeps MLP and transformer runs apart (``simclr`` vs
+    ``simclr_transformer``); this keeps, e.g., a depth-4 run from resuming a depth-10 one.
+    """
+
+    SHOULD_MATCH: ClassVar[list[str]] = [*AutoResumer.SHOULD_MATCH, "projector"]
+
+    def find_checkpoint(self, cfg: DictConfig) -> tuple[str | None, str | None]:
+        # solo-learn reads `AutoResumer.SHOULD_MATCH` by class name, not `self.SHOULD_MATCH`,
+        # so ours is swapped in for the duration of the call only.
+        with _class_attribute(AutoResumer, "SHOULD_MATCH", self.SHOULD_MATCH):
+            return super().find_checkpoint(cfg)
+
+
+def resume_checkpoint(cfg: DictConfig, logdir: Path) -> tuple[str | None, str | None]:
+    """``(checkpoint to resume or None, its wandb run id)``, as main_pretrain decides it."""
+    if cfg.resume_from_checkpoint is not None:
+        path = cfg.resume_from_checkpoint
+        del cfg.resume_from_checkpoint  # as main_pretrain: not recorded in args.json
+        return path, None
+    if not cfg.auto_resume.enabled:
+        return None, None
+    resumer = ProjectorAutoResumer(checkpoint_dir=logdir, max_hours=cfg.auto_resume.max_hours)
+    path, run_id = resumer.find_checkpoint(cfg)
+    if path is not None:
+        print(f"Resuming from previous checkpoint that matches specifications: '{path}'")
+    return path, run_id
+
+
+def drop_static_lr(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """Remove solo-learn's ``static_lr`` partials from the schedulers' saved state.
+
+    For parameter groups with ``static_lr`` (SimSiam's and NNSiam's predictor), solo-learn sets
+    ``scheduler.get_lr = partial(static_lr, get_lr=scheduler.get_lr, ...)``, an instance
+    attribute that lands in the scheduler's ``state_dict``. Saved, it needs
+    ``weights_only=False`` to load; loaded, its bound ``get_lr`` resolves to the partial itself,
+    and the first step after resuming dies in a ``RecursionError``. ``configure_optimizers``
+    rebuilds the partial on resume, so the saved one is never needed.
+    """
+    for state in checkpoint.get("lr_schedulers", []):
+        state.pop("get_lr", None)
+    return checkpoint
+
+
+class SoloCheckpointIO(TorchCheckpointIO):
+    """Saves and resumes solo-learn checkpoints, ``static_lr`` partials dropped both ways.
+
+    Checkpoints saved here load with ``weights_only=True``. Older ones (solo-learn's own
+    ``main_pretrain``) hold the partial, which torch >= 2.6's default ``weights_only=True``
+    refuses and Lightning 2.1's ``trainer.fit`` cannot override: they load with
+    ``weights_only=False``, as the files resumed are the run's own (auto-resume) or the user's
+    (``resume_from_checkpoint``).
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
+    ) -> None:
+        super().save_checkpoint(drop_static_lr(checkpoint), path, storage_options)
+
+    def load_checkpoint(
+        self,
+        path: str | Path,
+        map_location: Callable | None = lambda storage, loc: storage,
+        weights_only: bool | None = None,  # Lightning >= 2.4 passes it; None = not chosen
+    ) -> dict[str, Any]:
+        fs = get_filesystem(path)
+        if not fs.exists(path):
+            raise FileNotFoundError(f"Checkpoint file not found: {path}")
+        with fs.open(path, "rb") as f:
+            checkpoint = torch.load(f, map_location=map_location, weights_only=bool(weights_only))
+        return drop_static_lr(checkpoint)
+
+
+def make_logger(
+    cfg: DictConfig, logdir: Path, wandb_run_id: str | None, model: LightningModule
+) -> Logger:
+    """wandb when the recipe enables it (watching ``model``, as solo-learn's mains), else a CSV
+    log in the run's checkpoint folder.
+
+    With no logger, Lightning would start its default one in ``./lightning_logs``; the CSV
+    log's version is the folder name solo-learn's Checkpointer gives offline runs, so metrics,
+    ``args.json`` and the checkpoint share ``<checkpoint.dir>/<method>/<version>/``.
+    """
+    if cfg.wandb.enabled:
+        logger = WandbLogger(
+            name=cfg.name,
+            project=cfg.wandb.project,
+            entity=cfg.wandb.entity,
+            offline=cfg.wandb.offline,
+            resume="allow" if wandb_run_id else None,
+            id=wandb_run_id,
+        )
+        logger.watch(model, log="gradients", log_freq=100)
+        logger.log_hyperparams(OmegaConf.to_container(cfg))
+        return logger
+    taken = set(os.listdir(logdir)) if logdir.is_dir() else set()
+    version = "offline-" + Checkpointer.random_string()
+    while version in taken:
+        version = "offline-" + Checkpointer.random_string()
+    return CSVLogger(save_dir=logdir.parent, name=logdir.name, version=version)
+
+
+def make_trainer(cfg: DictConfig, logger: Logger, callbacks: Sequence[Callback]) -> Trainer:
+    """A Trainer from the config's Trainer keys (as main_pretrain), with the fixes above."""
+    valid = inspect.signature(Trainer.__init__).parameters
+    kwargs = {k: v for k, v in OmegaConf.to_container(cfg).items() if k in valid}
+    strategy = cfg.strategy or "auto"
+    kwargs.update(
+        devices=lightning_devices(cfg),
+        strategy=DDPStrategy(find_unused_parameters=False) if strategy == "ddp" else strategy,
+        logger=logger,
+        callbacks=[*callbacks, LearningRateMonitor(logging_interval="step")],
+        enable_checkpointing=False,
+        plugins=[SoloCheckpointIO()],
+    )
+    return Trainer(**kwargs)
+
+
+def checkpoint_callbacks(cfg: DictConfig, logdir: Path) -> list[Callback]:
+    """solo-learn's Checkpointer (args.json + ckpt) and AutoUMAP, when the recipe enables them."""
+    callbacks: list[Callback] = []
+    if cfg.checkpoint.enabled:
+        callbacks.append(
+            Checkpointer(
+                cfg,
+                logdir=logdir,
+                frequency=cfg.checkpoint.frequency,
+                keep_prev=cfg.checkpoint.keep_prev,
+            )
+        )
+    if omegaconf_select(cfg, "auto_umap.enabled", False):
+        from solo.utils.auto_umap import AutoUMAP  # needs solo-learn's [umap] extra
+
+        umap_dir = os.path.join(cfg.auto_umap.dir, cfg.method)
+        callbacks.append(AutoUMAP(cfg.name, logdir=umap_dir, frequency=cfg.auto_umap.frequency))
+    return callbacks
+
+
+# ---------------------------------------------------------------------------------------------
+# Pretraining
+
+
+def dali_module(cfg: DictConfig) -> ModuleType:
+    """:mod:`solo_deepfusion.solo.dali`, once DALI and ``dali.device`` are known to work here."""
+    try:
+        from solo_deepfusion.solo import dali
+
+        dali.check_dali_device(cfg.dali.device)
+    except (ImportError, ValueError) as err:
+        raise UsageError(f"data.format=dali: {err}") from err
+    return dali
+
+
+def run_pretrain(argv: Sequence[str], callbacks: Sequence[Callback] = ()) -> Trainer:
+    """Pretrain as the command line says; returns the fitted Trainer.
+
+    ``callbacks`` are added to the run's own (e.g. a Deep Fusion metrics callback).
+    """
+    cfg = pretrain_config(argv)
+    seed_everything(cfg.seed)
+    model = build_model(cfg)
+    make_contiguous(model)
+    if not cfg.performance.disable_channel_last:
+        model = model.to(memory_format=torch.channels_last)
+
+    val_loader = pretrain_val_loader(cfg)
+    if cfg.data.format == "dali":
+        data = {"datamodule": dali_module(cfg).pretrain_datamodule(cfg, val_loader)}
+    else:
+        data = {"train_dataloaders": pretrain_loader(cfg), "val_dataloaders": val_loader}
+
+    logdir = Path(cfg.checkpoint.dir) / cfg.method
+    ckpt_path, wandb_run_id = resume_checkpoint(cfg, logdir)
+    logger = make_logger(cfg, logdir, wandb_run_id, model)
+    trainer = make_trainer(cfg, logger, [*checkpoint_callbacks(cfg, logdir), *callbacks])
+    trainer.fit(model, ckpt_path=ckpt_path, **data)
+    return trainer
+
+
+def pretrain(argv: Sequence[str], callbacks: Sequence[Callback] = ()) -> int:
+    """``solo-deepfusion pretrain``; returns the exit status (2: bad command line or recipe)."""
+    try:
+        trainer = run_pretrain(argv, callbacks)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 1 if trainer.interrupted else 0
+
+
+if __name__ == "__main__":  # `python -m solo_deepfusion.solo.launch`; Lightning's DDP re-runs it
+    sys.exit(pretrain(sys.argv[1:]))

@@ -1,0 +1,101 @@
+"""Shared fixtures: a tiny CIFAR-10 ImageFolder cut from ``$SOLO_DEEPFUSION_DATA``.
+
+``$SOLO_DEEPFUSION_DATA`` is a folder holding CIFAR-10 as ``train.tar.gz``/``test.tar.gz`` or as
+the unpacked ``train/`` and ``test/`` ImageFolder trees. Tests that need it skip without it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+# One intra-op thread: the suite runs several processes at once (DDP tests, subprocess
+# launchers) and oversubscribed OpenMP threads make torch many times slower on 2 cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
+
+DATA_ENV = "SOLO_DEEPFUSION_DATA"
+TRAIN_PER_CLASS = 8
+VAL_PER_CLASS = 4
+
+
+def _archive_members(archive: Path, per_class: int) -> Iterator[tuple[str, str, bytes]]:
+    """``(class, file name, bytes)`` of the first ``per_class`` images of each class."""
+    taken: dict[str, int] = {}
+    with tarfile.open(archive, "r:gz") as tar:
+        for member in tar:
+            parts = Path(member.name).parts
+            if not member.isfile() or len(parts) != 3:
+                continue
+            label = parts[1]
+            if taken.get(label, 0) < per_class:
+                taken[label] = taken.get(label, 0) + 1
+                yield label, parts[2], tar.extractfile(member).read()
+
+
+def _folder_members(folder: Path, per_class: int) -> Iterator[tuple[str, str, bytes]]:
+    for class_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+        for image in sorted(class_dir.iterdir())[:per_class]:
+            yield class_dir.name, image.name, image.read_bytes()
+
+
+def _cut_split(source: Path, split: str, per_class: int, target: Path) -> None:
+    members = (
+        _folder_members(source / split, per_class)
+        if (source / split).is_dir()
+        else _archive_members(source / f"{split}.tar.gz", per_class)
+    )
+    for label, name, data in members:
+        (target / label).mkdir(parents=True, exist_ok=True)
+        (target / label / name).write_bytes(data)
+
+
+@pytest.fixture(scope="session")
+def cifar_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with ``train/`` (10 classes x 8 images) and ``val/`` (10 x 4) CIFAR-10 JPEGs."""
+    source = Path(os.environ.get(DATA_ENV, "")).expanduser()
+    has_split = any((source / name).exists() for name in ("train", "train.tar.gz"))
+    if not os.environ.get(DATA_ENV) or not has_split:
+        pytest.skip(f"set {DATA_ENV} to a folder holding CIFAR-10 train/test (.tar.gz or folders)")
+    root = tmp_path_factory.mktemp("cifar10_tiny")
+    try:
+        _cut_split(source, "train", TRAIN_PER_CLASS, root / "train")
+        _cut_split(source, "test", VAL_PER_CLASS, root / "val")
+    except (OSError, tarfile.TarError) as err:
+        shutil.rmtree(root, ignore_errors=True)
+        pytest.skip(f"could not read CIFAR-10 from {DATA_ENV}={source}: {err}")
+    return root
+
+
+@pytest.fixture
+def quick_args(cifar_tiny: Path, tmp_path: Path):
+    """``argv`` for the packaged ``cifar10_quick`` recipe, shrunk to seconds on the tiny folder.
+
+    Call it with extra arguments; checkpoints go to ``<tmp_path>/ckpt``.
+    """
+
+    def make(*extra: str) -> list[str]:
+        return [
+            "--config-name",
+            "cifar10_quick",
+            f"data.train_path={cifar_tiny / 'train'}",
+            f"data.val_path={cifar_tiny / 'val'}",
+            "data.num_workers=0",
+            "data.fraction=-1",
+            "optimizer.batch_size=8",
+            "max_epochs=1",
+            f"checkpoint.dir={tmp_path / 'ckpt'}",
+            "++enable_progress_bar=False",
+            "++enable_model_summary=False",
+            "++num_sanity_val_steps=0",
+            "++limit_val_batches=1",
+            *extra,
+        ]
+
+    return make

@@ -1,0 +1,130 @@
+"""``solo-deepfusion linear`` and ``knn`` on a checkpoint pretrained here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from solo_deepfusion._host import host_problem
+
+if host_problem() is not None:
+    pytest.skip(host_problem(), allow_module_level=True)
+
+from solo_deepfusion.solo import launch
+from solo_deepfusion.solo.evaluate import find_run, knn, linear
+from solo_deepfusion.solo.launch import UsageError
+
+pytestmark = pytest.mark.host
+
+
+@pytest.fixture(scope="module")
+def pretrained(cifar_tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run folder (args.json + ckpt) of a 2-step simclr_transformer pretraining."""
+    ckpt_dir = tmp_path_factory.mktemp("pretrained")
+    argv = [
+        "--config-name",
+        "cifar10_quick",
+        "--projector",
+        "transformer",
+        "projector.preset=small",
+        f"data.train_path={cifar_tiny / 'train'}",
+        f"data.val_path={cifar_tiny / 'val'}",
+        "data.num_workers=0",
+        "data.fraction=-1",
+        "optimizer.batch_size=8",
+        "max_epochs=1",
+        f"checkpoint.dir={ckpt_dir}",
+        "++limit_train_batches=2",
+        "++limit_val_batches=0",
+        "++enable_progress_bar=False",
+        "++enable_model_summary=False",
+    ]
+    assert launch.pretrain(argv) == 0
+    (run,) = (ckpt_dir / "simclr_transformer").glob("*/args.json")
+    return run.parent
+
+
+def linear_args(run: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    """The packaged linear recipe, shrunk to two steps on the tiny folder."""
+    return [
+        "--config-name",
+        "cifar10_linear_quick",
+        f"pretrained_feature_extractor={run}",
+        f"data.train_path={data / 'train'}",
+        f"data.val_path={data / 'val'}",
+        "data.num_workers=0",
+        "data.fraction=-1",
+        "optimizer.batch_size=8",
+        "max_epochs=1",
+        f"checkpoint.dir={out}",
+        "++limit_train_batches=2",
+        "++num_sanity_val_steps=0",
+        "++enable_progress_bar=False",
+        "++enable_model_summary=False",
+        *extra,
+    ]
+
+
+def test_linear_prints_and_writes_accuracies(pretrained, cifar_tiny, tmp_path, capsys):
+    output = tmp_path / "out" / "linear.json"
+    assert linear(linear_args(pretrained, cifar_tiny, tmp_path, "--output-json", str(output))) == 0
+    results = json.loads(output.read_text())
+    assert results["method"] == "simclr_transformer"
+    assert 0 <= results["acc1"] <= results["acc5"] <= 1
+    assert f"val acc@1  {results['acc1']:.4f}" in capsys.readouterr().out
+    assert list((tmp_path / "linear").glob("*/*.ckpt"))  # solo-learn's layout
+
+
+def test_linear_trains_from_a_cpu_dali_pipeline(pretrained, cifar_tiny, tmp_path):
+    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
+    dali = ("data.dataset=custom", "data.format=dali", "++dali.device=cpu", "++limit_val_batches=1")
+    assert linear(linear_args(pretrained, cifar_tiny, tmp_path, *dali)) == 0
+    assert list((tmp_path / "linear").glob("*/*.ckpt"))
+
+
+def test_knn_on_backbone_and_projector(pretrained, tmp_path, capsys):
+    output = tmp_path / "knn.json"
+    argv = [
+        "--checkpoint-dir",
+        str(pretrained),
+        "--k",
+        "1",
+        "5",
+        "--distance-function",
+        "cosine",
+        "euclidean",
+        "--batch-size",
+        "16",
+        "--num-workers",
+        "0",
+        "--device",
+        "cpu",
+        "--output-json",
+        str(output),
+    ]
+    assert knn(argv) == 0
+    results = json.loads(output.read_text())
+    rows = results["results"]
+    # 2 features x (cosine: 2 k x 1 T + euclidean: 2 k)
+    assert len(rows) == 8
+    assert {row["feature"] for row in rows} == {"backbone", "projector"}
+    assert all(0 <= row["acc1"] <= row["acc5"] <= 1 for row in rows)
+    assert (results["train_images"], results["val_images"]) == (80, 40)  # paths from args.json
+    assert "batch" in results["notes"][0]  # transformer projector features are batch-dependent
+    assert "projector  euclidean" in capsys.readouterr().out
+
+
+def test_find_run_needs_args_json(pretrained, tmp_path):
+    checkpoint = next(pretrained.glob("*.ckpt"))
+    assert find_run(checkpoint).checkpoint == find_run(pretrained).checkpoint == checkpoint
+    lone = tmp_path / "lone.ckpt"
+    lone.write_bytes(checkpoint.read_bytes())
+    with pytest.raises(UsageError, match=r"args\.json"):
+        find_run(lone)
+
+
+def test_knn_reports_a_missing_run(tmp_path, capsys):
+    assert knn(["--checkpoint-dir", str(tmp_path / "nowhere")]) == 2
+    assert "does not exist" in capsys.readouterr().err

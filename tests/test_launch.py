@@ -1,0 +1,360 @@
+"""``solo-deepfusion pretrain``: argv rewriting, config, CPU settings, fits, resuming, DALI, DDP."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from solo_deepfusion._host import host_problem
+
+if host_problem() is not None:
+    pytest.skip(host_problem(), allow_module_level=True)
+
+import lightning.pytorch as pl
+from omegaconf import OmegaConf
+from solo.methods import METHODS
+from solo.utils.auto_resumer import AutoResumer
+
+from solo_deepfusion.solo import data, launch
+from solo_deepfusion.solo.launch import UsageError
+
+pytestmark = pytest.mark.host
+SMALL = ("--projector", "transformer", "projector.preset=small")
+
+
+def runs(ckpt_dir: Path, method: str) -> list[Path]:
+    """The run folders of ``method`` that hold a checkpoint."""
+    return sorted(p.parent for p in (ckpt_dir / method).glob("*/*.ckpt"))
+
+
+def read_args(run: Path) -> dict:
+    return json.loads((run / "args.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure functions
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--projector", "transformer", "a=1"],
+        ["--projector=transformer", "a=1"],
+        ["projector=transformer", "a=1"],
+        ["+projector=transformer", "a=1"],
+        ["++projector=transformer", "a=1"],
+        ["a=1", "--projector", "mlp", "projector=transformer"],  # the last one wins
+    ],
+)
+def test_rewrite_projector_args(argv):
+    assert launch.rewrite_projector_args(argv) == ["a=1", "+projector=transformer"]
+
+
+def test_rewrite_keeps_projector_fields_and_absence():
+    argv = ["projector.depth=4", "+projector.x=1", "method=simclr"]
+    assert launch.rewrite_projector_args(argv) == argv
+
+
+@pytest.mark.parametrize("argv", [["--projector"], ["--projector="], ["projector="]])
+def test_projector_needs_a_value(argv):
+    with pytest.raises(UsageError, match="needs a value"):
+        launch.rewrite_projector_args(argv)
+
+
+def test_packaged_configs_join_the_search_path():
+    pkg = launch.PACKAGED_CONFIGS
+    assert launch.with_packaged_configs(["a=1"]) == ["a=1", f"hydra.searchpath=[{pkg}]"]
+    assert launch.with_packaged_configs(["hydra.searchpath=[file:///x]"]) == [
+        f"hydra.searchpath=[file:///x,{pkg}]"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("devices", "accelerator", "indices", "for_lightning"),
+    [
+        (1, "cpu", [0], 1),
+        ("1", "cpu", [0], 1),
+        ([0], "cpu", [0], 1),
+        (2, "cpu", [0, 1], 2),
+        ("auto", "cpu", [0], 1),
+        ("0,1", "gpu", [0, 1], [0, 1]),
+        ([1], "gpu", [1], [1]),
+        (2, "gpu", [0, 1], [0, 1]),
+    ],
+)
+def test_devices_in_every_form(devices, accelerator, indices, for_lightning):
+    assert launch.device_indices(devices, accelerator) == indices
+    cfg = OmegaConf.create({"devices": indices, "accelerator": accelerator})
+    assert launch.lightning_devices(cfg) == for_lightning
+
+
+@pytest.mark.parametrize(
+    ("precision", "expected"), [("16-mixed", 32), (16, 32), ("bf16-mixed", "bf16-mixed"), (32, 32)]
+)
+def test_cpu_settings(precision, expected):
+    cfg = OmegaConf.create(
+        {"accelerator": "cpu", "devices": "1", "precision": precision, "sync_batchnorm": True}
+    )
+    cfg = launch.prepare_hardware(cfg)
+    assert (cfg.precision, cfg.sync_batchnorm, list(cfg.devices)) == (expected, False, [0])
+
+
+def test_auto_resume_matches_the_projector(tmp_path):
+    run = tmp_path / "simclr_transformer" / "offline-1"
+    run.mkdir(parents=True)
+    (run / "x-ep=0.ckpt").touch()
+    args = {"method": "simclr_transformer", "projector": {"name": "transformer", "depth": 4}}
+    (run / "args.json").write_text(json.dumps(args))
+    resumer = launch.ProjectorAutoResumer(checkpoint_dir=tmp_path / "simclr_transformer")
+    stock_keys = list(AutoResumer.SHOULD_MATCH)
+
+    assert resumer.find_checkpoint(OmegaConf.create(args))[0] == run / "x-ep=0.ckpt"
+    deeper = {**args, "projector": {"name": "transformer", "depth": 6}}
+    assert resumer.find_checkpoint(OmegaConf.create(deeper)) == (None, None)
+    assert stock_keys == AutoResumer.SHOULD_MATCH  # solo-learn's list is left as it was
+
+
+def test_checkpoints_lose_solo_static_lr_partials(tmp_path):
+    # As solo-learn's main_pretrain saves SimSiam: a partial in the scheduler state.
+    path = tmp_path / "old.ckpt"
+    torch.save({"lr_schedulers": [{"get_lr": functools.partial(max), "last_epoch": 3}]}, path)
+    io = launch.SoloCheckpointIO()
+    assert io.load_checkpoint(path)["lr_schedulers"] == [{"last_epoch": 3}]
+    io.save_checkpoint(torch.load(path, weights_only=False), tmp_path / "new.ckpt")
+    assert torch.load(tmp_path / "new.ckpt", weights_only=True)["lr_schedulers"] == [
+        {"last_epoch": 3}
+    ]
+
+
+def test_archived_split_is_unpacked_once(cifar_tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("SOLO_DEEPFUSION_CACHE", str(tmp_path / "cache"))
+    with tarfile.open(tmp_path / "val.tar.gz", "w:gz") as tar:
+        tar.add(cifar_tiny / "val", arcname="val")
+    path = Path(data.unpacked(tmp_path / "val"))
+    assert path.is_relative_to(tmp_path / "cache") and len(list(path.glob("*/*.jpg"))) == 40
+    assert data.unpacked(str(tmp_path / "val")) == str(path)  # reused, not unpacked again
+    assert len(list((tmp_path / "cache" / "datasets").iterdir())) == 1
+    assert data.unpacked(cifar_tiny / "val") == str(cifar_tiny / "val")  # folders: as they are
+
+
+# ---------------------------------------------------------------------------------------------
+# Config (composed, not trained)
+
+
+def test_projector_group_and_its_overrides():
+    cfg = launch.pretrain_config(
+        ["--config-name", "cifar10_quick", *SMALL, "projector.depth=4", "projector.mask=positives"]
+    )
+    assert cfg.method == "simclr_transformer"
+    assert (cfg.projector.preset, cfg.projector.depth, cfg.projector.mask) == (
+        "small",
+        4,
+        "positives",
+    )
+
+
+@pytest.mark.parametrize("argv", [[], ["--projector", "mlp"]])
+def test_mlp_or_no_projector_is_the_stock_method(argv):
+    cfg = launch.pretrain_config(["--config-name", "cifar10_quick", *argv])
+    assert (cfg.method, cfg.projector.name) == ("simclr", "mlp")
+
+
+def test_a_variant_method_alone_selects_its_projector():
+    cfg = launch.pretrain_config(["--config-name", "cifar10_quick", "method=simclr_transformer"])
+    assert (cfg.method, cfg.projector.name) == ("simclr_transformer", "transformer")
+
+
+def test_unknown_projector_lists_the_choices(capsys):
+    assert launch.pretrain(["--config-name", "cifar10_quick", "--projector", "mlpp"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown projector 'mlpp'" in err
+    assert "mlp, mlp_matched, transformer" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["method=mae", *SMALL], "no projection head"),
+        (["method=simclr_transformer", "--projector", "mlp"], "contradicts"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+        (["augmentations.0.num_crops=4"], "needs 2 large crops"),
+    ],
+)
+def test_usage_errors(argv, message):
+    with pytest.raises(UsageError, match=message):
+        launch.pretrain_config(["--config-name", "cifar10_quick", *argv])
+
+
+def test_wmse_variants_keep_the_wmse_crop_rule():
+    cfg = launch.pretrain_config(
+        ["--config-name", "cifar10_quick", "method=wmse", *SMALL, "augmentations.0.num_crops=4"]
+    )
+    assert (cfg.method, cfg.data.num_large_crops) == ("wmse_transformer", 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fits
+
+
+def test_pretrain_writes_args_and_checkpoint(quick_args, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert launch.pretrain(quick_args(*SMALL, "++limit_train_batches=2")) == 0
+    (run,) = runs(tmp_path / "ckpt", "simclr_transformer")
+    args = read_args(run)
+    assert (args["method"], args["projector"]["preset"]) == ("simclr_transformer", "small")
+    assert args["data"]["train_path"].endswith("train")  # interpolations resolved
+    assert (run / "metrics.csv").is_file()  # the CSV log sits with the checkpoint
+    assert not (tmp_path / "lightning_logs").exists()
+    checkpoint = torch.load(next(run.glob("*.ckpt")), map_location="cpu", weights_only=False)
+    assert any(k.startswith("projector.head.") for k in checkpoint["state_dict"])
+
+
+def test_mlp_projector_trains_the_stock_method(quick_args, tmp_path):
+    trainer = launch.run_pretrain(quick_args("--projector", "mlp", "++limit_train_batches=1"))
+    assert type(trainer.lightning_module) is METHODS["simclr"]
+    (run,) = runs(tmp_path / "ckpt", "simclr")
+    assert read_args(run)["method"] == "simclr"
+
+
+class CrashAt(pl.Callback):
+    """Stands for a killed job: raises at ``batch`` of ``epoch``."""
+
+    def __init__(self, epoch: int, batch: int) -> None:
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if (trainer.current_epoch, batch_idx) == (self.epoch, self.batch):
+            raise RuntimeError("killed")
+
+
+class FirstStep(pl.Callback):
+    """Records ``(epoch, global_step)`` at the first training batch."""
+
+    def __init__(self) -> None:
+        self.seen: tuple[int, int] | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.seen = self.seen or (trainer.current_epoch, trainer.global_step)
+
+
+def test_killed_run_resumes_from_its_checkpoint(quick_args, tmp_path):
+    # SimSiam: solo-learn keeps a functools.partial in its scheduler (see drop_static_lr).
+    argv = quick_args(
+        *SMALL,
+        "method=simsiam",
+        "++method_kwargs.pred_hidden_dim=64",
+        "max_epochs=2",
+        "++limit_train_batches=3",
+    )
+    with pytest.raises(RuntimeError, match="killed"):
+        launch.pretrain(argv, callbacks=[CrashAt(epoch=1, batch=1)])
+    (first,) = runs(tmp_path / "ckpt", "simsiam_transformer")
+
+    probe = FirstStep()
+    assert launch.pretrain(argv, callbacks=[probe]) == 0
+    assert probe.seen == (1, 3)  # epoch 1 from global step 3: epoch 0's checkpoint was resumed
+    (resumed,) = set(runs(tmp_path / "ckpt", "simsiam_transformer")) - {first}
+    final = torch.load(next(resumed.glob("*.ckpt")), map_location="cpu", weights_only=True)
+    assert (final["epoch"], final["global_step"]) == (1, 6)
+
+
+def test_dali_cpu_pipeline_trains_an_epoch(quick_args, tmp_path):
+    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
+    # DeepClusterV2 also needs the data module's dataset size (the Lightning 1.x API it reads).
+    argv = quick_args(
+        *SMALL,
+        "method=deepclusterv2",
+        "++method_kwargs.num_prototypes=[10,10]",
+        "data.dataset=custom",
+        "data.format=dali",
+        "data.val_path=null",
+        "++dali.device=cpu",
+        "++dali.encode_indexes_into_labels=True",
+    )
+    trainer = launch.run_pretrain(argv)
+    assert trainer.global_step == 10  # 80 images, batches of 8
+    assert runs(tmp_path / "ckpt", "deepclusterv2_transformer")
+
+
+def test_ddp_on_two_cpu_processes(quick_args, tmp_path):
+    # Lightning's DDP re-runs the command in a second process, so this runs as a command.
+    argv = quick_args(*SMALL, "strategy=ddp", "devices=2", "++limit_train_batches=2")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(
+        [sys.executable, "-m", "solo_deepfusion.solo.launch", *argv],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    (run,) = runs(tmp_path / "ckpt", "simclr_transformer")
+    args = read_args(run)
+    assert (args["devices"], args["strategy"]) == ([0, 1], "ddp")
+    checkpoint = torch.load(next(run.glob("*.ckpt")), map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Every stock CIFAR recipe of solo-learn, with the transformer head
+
+
+def _stock_recipes() -> list[Path]:
+    import solo
+
+    default = Path(solo.__file__).resolve().parents[1] / "scripts"
+    folder = Path(os.environ.get("SOLO_LEARN_SCRIPTS", default)) / "pretrain" / "cifar"
+    return sorted(folder.glob("*.yaml"))
+
+
+# What a fit on batches of 4 needs besides the recipe (W-MSE whitens a batch: dims < samples).
+_TINY = {
+    "deepclusterv2": ["method_kwargs.num_prototypes=[10,10,10]"],
+    "wmse": ["method_kwargs.whitening_size=4", "method_kwargs.proj_output_dim=2"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", _stock_recipes() or [None], ids=lambda p: p and p.stem)
+def test_stock_cifar_recipe_with_transformer_head(recipe, cifar_tiny, tmp_path):
+    if recipe is None:
+        pytest.skip("solo-learn's scripts/ not found; set SOLO_LEARN_SCRIPTS")
+    method = OmegaConf.load(recipe).method
+    argv = [
+        f"--config-path={recipe.parent}",
+        f"--config-name={recipe.name}",
+        *SMALL,
+        f"data.train_path={cifar_tiny / 'train'}",
+        f"data.val_path={cifar_tiny / 'val'}",
+        "data.num_workers=0",
+        "optimizer.batch_size=4",
+        "max_epochs=1",
+        "accelerator=cpu",
+        "devices=1",
+        "wandb.enabled=False",
+        "auto_resume.enabled=False",
+        f"checkpoint.dir={tmp_path}",
+        "++backbone.stem=imagenet",  # ~8x cheaper than the recipes' CIFAR stem at 32 px
+        "++limit_train_batches=2",
+        "++limit_val_batches=1",
+        "++num_sanity_val_steps=0",
+        "++enable_progress_bar=False",
+        "++enable_model_summary=False",
+        *_TINY.get(method, []),
+    ]
+    if method == "mae":  # a ViT without projection head: no variant, and a clear message
+        with pytest.raises(UsageError, match="no projection head"):
+            launch.pretrain_config(argv)
+        return
+    trainer = launch.run_pretrain(argv)
+    assert trainer.global_step == 2
+    assert runs(tmp_path, f"{method}_transformer")
