@@ -213,3 +213,13 @@ def test_stem_option_decouples_stem_from_dataset():
         assert isinstance(backbone.maxpool, torch.nn.MaxPool2d)
     assert torch.equal(model.backbone.conv1.weight, model.momentum_backbone.conv1.weight)
     assert build_model(method_cfg("simclr", **{})).backbone.conv1.kernel_size == (3, 3)
+
+
+def test_stem_is_drawn_the_same_whatever_the_head():
+    weights = []
+    for method in ("simclr", "simclr_transformer", "simclr_mlp_matched"):
+        torch.manual_seed(0)
+        cfg = method_cfg(method, **(SMALL if method.endswith("transformer") else {}))
+        cfg.backbone.stem, cfg.seed = "imagenet", 5
+        weights.append(build_model(cfg).backbone.conv1.weight)
+    assert torch.equal(weights[0], weights[1]) and torch.equal(weights[0], weights[2])

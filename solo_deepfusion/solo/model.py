@@ -26,7 +26,7 @@ def _set_stem(resnet: nn.Module, stem: str) -> None:
         resnet.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
 
 
-def apply_stem(model: BaseMethod, stem: str) -> None:
+def apply_stem(model: BaseMethod, stem: str, seed: int = 0) -> None:
     """Give ResNet backbones the ``imagenet`` or ``cifar`` stem; ``auto`` keeps solo-learn's.
 
     solo-learn picks the CIFAR stem exactly when ``data.dataset`` is cifar10/100; this option
@@ -35,7 +35,12 @@ def apply_stem(model: BaseMethod, stem: str) -> None:
     check_choice("backbone.stem", stem, STEMS)
     if stem == "auto" or not model.backbone_name.startswith("resnet"):
         return
-    _set_stem(model.backbone, stem)
+    # Draw the new stem from its own seed: the global RNG has been advanced by however many
+    # parameters the method's heads drew, so an MLP run and a transformer run of one seed would
+    # otherwise start from different stems.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        _set_stem(model.backbone, stem)
     if hasattr(model, "momentum_backbone"):
         _set_stem(model.momentum_backbone, stem)
         initialize_momentum_params(model.backbone, model.momentum_backbone)
@@ -49,7 +54,7 @@ def build_model(cfg: DictConfig) -> BaseMethod:
     if cfg.method not in METHODS:
         raise ValueError(f"method={cfg.method!r} is not one of {sorted(METHODS)}")
     model = METHODS[cfg.method](cfg)
-    apply_stem(model, omegaconf_select(cfg, "backbone.stem", "auto"))
+    apply_stem(model, omegaconf_select(cfg, "backbone.stem", "auto"), cfg.get("seed", 0))
     return model
 
 
