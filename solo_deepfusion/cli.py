@@ -17,6 +17,7 @@ HOST_COMMANDS: dict[str, tuple[str, str, str]] = {
     "linear": ("solo_deepfusion.solo.evaluate", "linear", "offline linear eval of a backbone"),
     "knn": ("solo_deepfusion.solo.evaluate", "knn", "kNN on backbone and projector features"),
     "fusion": ("solo_deepfusion.solo.analysis", "main", "Deep Fusion analysis of a checkpoint"),
+    "bench": ("solo_deepfusion.solo.bench", "main", "transformer vs MLP head: a matched grid"),
 }
 
 
@@ -32,9 +33,16 @@ def _zoo(argv: Sequence[str]) -> int:
     return main(list(argv))
 
 
+def _bench_report(argv: Sequence[str]) -> int:
+    from solo_deepfusion.bench_report import main
+
+    return main(list(argv))
+
+
 LOCAL_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "demo": (_demo, "run the transformer head on a synthetic batch, print its attention"),
     "zoo": (_zoo, "list, download, verify and export pretrained checkpoints"),
+    "bench-report": (_bench_report, "tables and plot of bench results (no solo-learn needed)"),
 }
 
 

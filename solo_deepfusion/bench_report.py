@@ -1,0 +1,728 @@
+"""``solo-deepfusion bench-report``: tables and a plot from ``solo-deepfusion bench`` results.
+
+Example::
+
+    solo-deepfusion bench-report benchmarks/results.jsonl --out report.md --plot report.png
+
+Host-free: the standard library and matplotlib (scipy when importable), no solo-learn, so the
+report can be made anywhere the JSON-lines files are. It reads one or more results files (the
+last ``ok`` record of a cell wins; failed cells and damaged lines are listed, not used) and
+writes a markdown report:
+
+* **Results**: one row per cell (method x projector x ablation values, within one budget):
+  mean ± sample standard deviation over seeds of each metric, the head's parameters and forward
+  FLOPs at the training token count, time per epoch and peak memory.
+* **Paired difference to the ``mlp`` head**: for each other head, ``Δ = head - mlp`` per seed,
+  against the ``mlp`` run of the same method, seed, budget and ablation values (an axis that
+  does not apply to the MLP, such as depth, matches any value), then the mean Δ and its 95%
+  confidence interval over seeds, ``mean ± t(0.975, n-1) · sd / √n`` (Student t; the quantile
+  from ``scipy.stats.t`` when scipy is importable, else from the built-in table
+  :data:`T_975`, which is exact to 6 digits at its degrees of freedom and rounds any other up
+  to the next smaller listed one, i.e. a slightly wider interval).
+* **Checks**: paired runs whose data order differed (``run.data_order_sha256``), cells without
+  a baseline, failed cells.
+
+``--plot`` draws the paired differences with their intervals (and each seed's Δ), one panel per
+metric; with no pairs, the per-cell means ± std. The PNG is written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import hashlib
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BASELINE = "mlp"
+AXES = ("batch_size", "temperature", "weight_decay", "depth")
+# Two-sided 95% quantiles of Student's t, t(0.975, df).
+T_975: dict[int, float] = {
+    1: 12.706205, 2: 4.302653, 3: 3.182446, 4: 2.776445, 5: 2.570582, 6: 2.446912,
+    7: 2.364624, 8: 2.306004, 9: 2.262157, 10: 2.228139, 11: 2.200985, 12: 2.178813,
+    13: 2.160369, 14: 2.144787, 15: 2.131450, 16: 2.119905, 17: 2.109816, 18: 2.100922,
+    19: 2.093024, 20: 2.085963, 21: 2.079614, 22: 2.073873, 23: 2.068658, 24: 2.063899,
+    25: 2.059539, 26: 2.055529, 27: 2.051831, 28: 2.048407, 29: 2.045230, 30: 2.042272,
+    40: 2.021075, 60: 2.000298, 120: 1.979930,
+}  # fmt: skip
+METRIC_NAMES = {
+    "online_linear_acc1": "online linear",
+    "offline_linear_acc1": "offline linear",
+    "uacc_train_bs_head": "unsup. acc (train B)",
+    "backbone_1nn_acc": "backbone 1-NN",
+    "fusion_ratio_last": "fusion ratio (last)",
+}
+PLOT_PREFERENCE = (
+    "offline_linear_acc1",
+    "online_linear_acc1",
+    "knn_k20_acc1",
+    "uacc_train_bs_head",
+)
+MAX_PLOT_PANELS = 4
+
+__all__ = [
+    "T_975",
+    "CellKey",
+    "Pair",
+    "Results",
+    "cell_rows",
+    "confidence_interval",
+    "load_results",
+    "main",
+    "paired_differences",
+    "render_markdown",
+    "t_quantile",
+    "write_plot",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+
+
+def t_quantile(df: int) -> tuple[float, str]:
+    """``(t(0.975, df), source)``: scipy's when importable, else the table's (rounded up)."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    try:
+        from scipy.stats import t
+    except ImportError:
+        listed = sorted(T_975)
+        return T_975[listed[bisect.bisect_right(listed, df) - 1]], "table"
+    return float(t.ppf(0.975, df)), "scipy"
+
+
+def confidence_interval(values: Sequence[float]) -> tuple[float, float, float] | None:
+    """``(mean, low, high)``: the 95% Student-t interval of the mean, ``None`` for n < 2."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean = statistics.fmean(values)
+    half = t_quantile(n - 1)[0] * statistics.stdev(values) / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+@dataclass(frozen=True)
+class CellKey:
+    """A cell without its seed: the unit that seeds are averaged over."""
+
+    method: str
+    projector: str
+    ablation: tuple[tuple[str, Any], ...]
+    budget: str  # hash of recipe, budget and evaluation settings
+
+    def axis(self, name: str) -> Any:
+        return dict(self.ablation).get(name)
+
+
+def _budget_id(record: dict[str, Any]) -> str:
+    parts = {k: record.get(k) for k in ("recipe", "recipe_sha256", "budget", "eval")}
+    text = json.dumps(parts, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def cell_key(record: dict[str, Any]) -> CellKey:
+    ablation = record.get("ablation") or {}
+    return CellKey(
+        method=record["method"],
+        projector=record["projector"],
+        ablation=tuple((axis, ablation.get(axis)) for axis in AXES),
+        budget=_budget_id(record),
+    )
+
+
+@dataclass
+class Results:
+    """The usable records of results files, and what was left out."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    bad_lines: int = 0
+    sources: list[str] = field(default_factory=list)
+
+    def by_cell(self) -> dict[CellKey, dict[int, dict[str, Any]]]:
+        """``cell -> seed -> record``, cells in first-seen order."""
+        cells: dict[CellKey, dict[int, dict[str, Any]]] = {}
+        for record in self.records:
+            cells.setdefault(cell_key(record), {})[record["seed"]] = record
+        return cells
+
+
+def load_results(paths: Iterable[str | os.PathLike]) -> Results:
+    """Records of the files: per cell id, the last ``ok`` one; failures without a later ``ok``."""
+    out = Results()
+    ok: dict[str, dict[str, Any]] = {}
+    failed: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        out.sources.append(str(path))
+        for line in Path(path).read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                cell_id, status = record["cell_id"], record.get("status")
+            except (ValueError, KeyError, TypeError):
+                out.bad_lines += 1
+                continue
+            if status == "ok":
+                ok.pop(cell_id, None)  # keep the file order of the latest record
+                ok[cell_id] = record
+            elif status == "failed":
+                failed[cell_id] = record
+    out.records = list(ok.values())
+    out.failed = [r for cell_id, r in failed.items() if cell_id not in ok]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Aggregation
+
+
+def _numbers(records: Iterable[dict[str, Any]], section: str, name: str) -> list[float]:
+    values = ((r.get(section) or {}).get(name) for r in records)
+    return [float(v) for v in values if isinstance(v, int | float) and math.isfinite(v)]
+
+
+def _measured(record: dict[str, Any]) -> list[str]:
+    """The metric keys of a record that hold a finite number."""
+    metrics = record.get("metrics") or {}
+    return [k for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(v)]
+
+
+def metric_names(results: Results, wanted: Sequence[str] | None = None) -> list[str]:
+    """The metrics to show: ``wanted``, else every one present in a sensible order (the
+    backbone-within-batch 1-NN references ``uacc_b*_backbone`` only with ``all``)."""
+    present = {name for r in results.records for name in _measured(r)}
+    if wanted and list(wanted) != ["all"]:
+        return [m for m in wanted if m in present]
+
+    def rank(name: str) -> tuple[int, int, str]:
+        part = [*name.split("_"), ""][1]
+        number = int("".join(c for c in part if c.isdigit()) or 0)
+        if name in ("online_linear_acc1", "offline_linear_acc1"):
+            return 0, name.startswith("offline"), name
+        if name.startswith("knn_k"):
+            return 1, number, name
+        if name == "uacc_train_bs_head":
+            return 2, 0, name
+        if name.startswith("uacc_b"):
+            return 3 if name.endswith("_head") else 6, number, name
+        if name == "backbone_1nn_acc":
+            return 4, 0, name
+        return 5, 0, name
+
+    names = sorted(present, key=rank)
+    if wanted != ["all"]:
+        names = [n for n in names if not (n.startswith("uacc_b") and n.endswith("_backbone"))]
+    return names
+
+
+@dataclass
+class Row:
+    """One cell's aggregate over its seeds."""
+
+    key: CellKey
+    seeds: list[int]
+    metrics: dict[str, tuple[float, float | None, int]]  # mean, std (n >= 2), n
+    cost: dict[str, float | None]
+
+
+def _mean(values: list[float]) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
+def cell_rows(results: Results, metrics: Sequence[str]) -> list[Row]:
+    """Mean ± std over seeds per cell, with the head's cost and the run's time and memory."""
+    rows = []
+    for key, by_seed in results.by_cell().items():
+        records = list(by_seed.values())
+        stats = {}
+        for name in metrics:
+            values = _numbers(records, "metrics", name)
+            if values:
+                std = statistics.stdev(values) if len(values) > 1 else None
+                stats[name] = (statistics.fmean(values), std, len(values))
+        gpu = _numbers(records, "cost", "peak_gpu_bytes")
+        cost = {
+            "head_params": _mean(_numbers(records, "cost", "head_params")),
+            "head_flops": _mean(_numbers(records, "cost", "head_flops")),
+            "head_tokens": _mean(_numbers(records, "cost", "head_tokens")),
+            "time_per_epoch_s": _mean(_numbers(records, "cost", "time_per_epoch_s")),
+            "peak_bytes": _mean(gpu or _numbers(records, "cost", "peak_rss_bytes")),
+            "peak_kind": "GPU" if gpu else "RSS",
+        }
+        rows.append(Row(key, sorted(by_seed), stats, cost))
+    return rows
+
+
+@dataclass
+class Pair:
+    """Paired differences of one cell to its baseline, per metric."""
+
+    key: CellKey
+    baseline: CellKey
+    deltas: dict[str, list[tuple[int, float]]]  # metric -> [(seed, Δ)]
+    order_mismatches: list[int]  # seeds whose data order hashes differ
+    order_compared: int
+    init_mismatches: list[int] = field(default_factory=list)  # seeds: backbone init differs
+    init_compared: int = 0
+
+
+def _matches(base: CellKey, key: CellKey, baseline: str) -> bool:
+    if base.projector != baseline or (base.method, base.budget) != (key.method, key.budget):
+        return False
+    return all(
+        b is None or b == v for (_, b), (_, v) in zip(base.ablation, key.ablation, strict=True)
+    )
+
+
+def find_baseline(
+    key: CellKey, keys: Iterable[CellKey], baseline: str = BASELINE
+) -> CellKey | None:
+    """The baseline cell of ``key``: most axes equal, the others not applying to the MLP."""
+    candidates = [b for b in keys if _matches(b, key, baseline)]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda b: sum(v is not None for _, v in b.ablation))
+
+
+def _hash_check(
+    runs: dict[int, dict[str, Any]], base: dict[int, dict[str, Any]], seeds: list[int], name: str
+) -> tuple[list[int], int]:
+    """``(seeds whose run.<name> differs from the baseline's, pairs where both have it)``."""
+    values = [((runs[s].get("run") or {}).get(name), (base[s].get("run") or {}).get(name))
+              for s in seeds]  # fmt: skip
+    compared = [(s, v) for s, v in zip(seeds, values, strict=True) if None not in v]
+    return [s for s, (a, b) in compared if a != b], len(compared)
+
+
+def paired_differences(
+    results: Results, metrics: Sequence[str], baseline: str = BASELINE
+) -> tuple[list[Pair], list[CellKey]]:
+    """``(pairs, cells without a baseline)`` for every non-baseline cell."""
+    cells = results.by_cell()
+    pairs, orphans = [], []
+    for key, by_seed in cells.items():
+        if key.projector == baseline:
+            continue
+        base_key = find_baseline(key, cells, baseline)
+        if base_key is None:
+            orphans.append(key)
+            continue
+        base = cells[base_key]
+        seeds = sorted(set(by_seed) & set(base))
+        deltas: dict[str, list[tuple[int, float]]] = {}
+        for name in metrics:
+            for seed in seeds:
+                a = _numbers([by_seed[seed]], "metrics", name)
+                b = _numbers([base[seed]], "metrics", name)
+                if a and b:
+                    deltas.setdefault(name, []).append((seed, a[0] - b[0]))
+        order = _hash_check(by_seed, base, seeds, "data_order_sha256")
+        init = _hash_check(by_seed, base, seeds, "backbone_init_sha256")
+        pairs.append(Pair(key, base_key, deltas, *order, *init))
+    return pairs, orphans
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown
+
+
+def _is_accuracy(name: str) -> bool:
+    return name != "fusion_ratio_last"
+
+
+def metric_title(name: str) -> str:
+    if name in METRIC_NAMES:
+        return METRIC_NAMES[name]
+    if name.startswith("knn_k"):
+        return f"k-NN k={name.removeprefix('knn_k').split('_')[0]}"
+    if name.startswith("uacc_b"):
+        size, _, kind = name.removeprefix("uacc_b").partition("_")
+        return f"unsup. acc B={size}" + (" (backbone)" if kind == "backbone" else "")
+    return name
+
+
+def _scale(name: str) -> float:
+    return 100.0 if _is_accuracy(name) else 1.0
+
+
+def _fmt(value: float, name: str, digits: int, signed: bool = False) -> str:
+    places = digits if _is_accuracy(name) else 3
+    text = f"{value * _scale(name):{'+' if signed else ''}.{places}f}"
+    return text.replace("-", "−")
+
+
+def _si(value: float | None, unit: str = "") -> str:
+    if value is None:
+        return "–"
+    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.2f}{prefix}{unit}"
+    return f"{value:.0f}{unit}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def _varying_axes(keys: Sequence[CellKey]) -> list[str]:
+    return [a for a in AXES if len({k.axis(a) for k in keys}) > 1]
+
+
+def _key_cells(key: CellKey, axes: Sequence[str], budgets: dict[str, str]) -> list[str]:
+    cells = [key.method, f"`{key.projector}`"]
+    cells += ["–" if key.axis(a) is None else f"{key.axis(a):g}" for a in axes]
+    return [*cells, budgets[key.budget]] if len(budgets) > 1 else cells
+
+
+def _results_table(
+    rows: list[Row], metrics: Sequence[str], digits: int, axes, budgets
+) -> list[str]:
+    header = ["method", "projector", *axes, *(["budget"] if len(budgets) > 1 else []), "seeds"]
+    header += [metric_title(m) for m in metrics]
+    header += ["head params", "head FLOPs (T)", "time/epoch", "peak mem"]
+    body = []
+    for row in rows:
+        cells = [*_key_cells(row.key, axes, budgets), str(len(row.seeds))]
+        for name in metrics:
+            if name not in row.metrics:
+                cells.append("–")
+                continue
+            mean, std, _ = row.metrics[name]
+            spread = (
+                ""
+                if std is None
+                else f" ± {std * _scale(name):.{digits if _is_accuracy(name) else 3}f}"
+            )
+            cells.append(_fmt(mean, name, digits) + spread)
+        c = row.cost
+        tokens = "" if c["head_tokens"] is None else f" ({c['head_tokens']:.0f})"
+        time_text = "–" if c["time_per_epoch_s"] is None else f"{c['time_per_epoch_s']:.1f} s"
+        memory = "–" if c["peak_bytes"] is None else f"{_si(c['peak_bytes'], 'B')} {c['peak_kind']}"
+        cells += [_si(c["head_params"]), _si(c["head_flops"]) + tokens, time_text, memory]
+        body.append(cells)
+    return _table(header, body)
+
+
+def _delta_cell(deltas: list[tuple[int, float]], name: str, digits: int) -> str:
+    if not deltas:
+        return "–"
+    values = [d for _, d in deltas]
+    interval = confidence_interval(values)
+    if interval is None:
+        return f"{_fmt(values[0], name, digits, signed=True)} (n=1, no CI)"
+    mean, low, high = interval
+    return (
+        f"{_fmt(mean, name, digits, signed=True)} "
+        f"[{_fmt(low, name, digits, signed=True)}, {_fmt(high, name, digits, signed=True)}] "
+        f"(n={len(values)})"
+    )
+
+
+def _pairs_table(pairs: list[Pair], metrics, digits: int, axes, budgets) -> list[str]:
+    header = ["method", "projector", *axes, *(["budget"] if len(budgets) > 1 else [])]
+    header += [f"Δ {metric_title(m)}" for m in metrics]
+    body = [
+        [
+            *_key_cells(p.key, axes, budgets),
+            *(_delta_cell(p.deltas.get(m, []), m, digits) for m in metrics),
+        ]
+        for p in pairs
+    ]
+    return _table(header, body)
+
+
+def _constants(results: Results, axes: Sequence[str]) -> list[str]:
+    """A line per setting every record shares."""
+    first = results.records[0]
+    lines = [f"- recipe `{first.get('recipe')}` (sha256 {str(first.get('recipe_sha256'))[:12]}…)"]
+    for axis in AXES:
+        if axis not in axes:
+            values = {cell_key(r).axis(axis) for r in results.records} - {None}
+            if values:
+                lines.append(f"- {axis}: {', '.join(f'{v:g}' for v in sorted(values))}")
+    budgets = {json.dumps(r.get("budget"), sort_keys=True) for r in results.records}
+    if len(budgets) == 1:
+        lines.append(f"- budget: `{budgets.pop()}`")
+    devices = sorted({str((r.get("env") or {}).get("device")) for r in results.records})
+    lines.append(f"- device(s): {', '.join(devices)}")
+    return lines
+
+
+def _checks(pairs: list[Pair], orphans: list[CellKey], results: Results) -> list[str]:
+    compared = sum(p.order_compared for p in pairs)
+    mismatched = [(p, s) for p in pairs for s in p.order_mismatches]
+    lines = [
+        f"- data order (hash of the sample indices seen): {compared} paired runs compared, "
+        + ("all identical" if not mismatched else f"{len(mismatched)} DIFFER:")
+    ]
+    lines += [f"  - {p.key.method} `{p.key.projector}` seed {s}" for p, s in mismatched]
+    compared = sum(p.init_compared for p in pairs)
+    differ = [(p, s) for p in pairs for s in p.init_mismatches]
+    if compared:
+        lines.append(
+            f"- backbone initialisation (hash of its weights before training): {compared} paired "
+            "runs compared, "
+            + ("all identical" if not differ else f"{len(differ)} DIFFER (not the same start):")
+        )
+        lines += [f"  - {p.key.method} `{p.key.projector}` seed {s}" for p, s in differ]
+    if orphans:
+        lines.append(f"- cells without an `{BASELINE}` baseline (no Δ): {len(orphans)}")
+        lines += [f"  - {_label(k, AXES)}" for k in orphans]
+    if results.failed:
+        lines.append(f"- failed cells (not in the tables): {len(results.failed)}")
+        for r in results.failed:
+            error = str(r.get("error", "")).strip().splitlines()
+            lines.append(
+                f"  - `{r['cell_id']}` {r.get('method')} `{r.get('projector')}` seed "
+                f"{r.get('seed')}: {error[0] if error else '?'}"
+            )
+    total = len(results.records)
+    for name in metric_names(results, ["all"]):  # recorded as null: asked for, not measured
+        missing = sum(
+            name in (r.get("metrics") or {}) and name not in _measured(r) for r in results.records
+        )
+        if missing:
+            lines.append(f"- {metric_title(name)}: not measured in {missing} of {total} runs")
+    unmeasured = sorted(
+        {k for r in results.records for k in (r.get("metrics") or {})}
+        - {k for r in results.records for k in _measured(r)}
+    )
+    if unmeasured:
+        names = ", ".join(metric_title(k) for k in unmeasured)
+        lines.append(f"- not measured in any run (e.g. no validation, a set too small): {names}")
+    if results.bad_lines:
+        lines.append(f"- unreadable lines skipped: {results.bad_lines}")
+    return lines
+
+
+def render_markdown(
+    results: Results,
+    metrics: Sequence[str],
+    *,
+    digits: int = 1,
+    baseline: str = BASELINE,
+    plot: str | None = None,
+) -> str:
+    """The report as markdown."""
+    rows = cell_rows(results, metrics)
+    pairs, orphans = paired_differences(results, metrics, baseline)
+    keys = [row.key for row in rows]
+    axes = _varying_axes(keys)
+    paired = [m for m in metrics if any(p.deltas.get(m) for p in pairs)]
+    budgets = budget_labels(keys)
+    source = "scipy.stats.t" if t_quantile(1)[1] == "scipy" else "the built-in t table"
+    out = [
+        "# Deep Fusion benchmark: transformer head vs feed-forward head",
+        "",
+        f"From {', '.join(f'`{s}`' for s in results.sources)}: {len(results.records)} runs in "
+        f"{len(rows)} cells, {len(results.failed)} failed.",
+        "",
+        "Accuracies in %, mean ± sample std over seeds; the fusion ratio is a ratio (1 = no "
+        "class preference). Δ: the paired difference to the `mlp` head of the same method, seed, "
+        "ablation values and budget, in percentage points, with its 95% confidence interval over "
+        f"seeds (Student t, quantile from {source}). An interval that contains 0 shows no "
+        "difference at this number of seeds.",
+        "",
+        "Shared by every run:",
+        *_constants(results, axes),
+        "",
+        "## Results",
+        "",
+        *_results_table(rows, metrics, digits, axes, budgets),
+        "",
+        "Head params: the online head (tail included, momentum copy not counted). Head FLOPs: "
+        "one forward pass over a training step's T tokens (large crops x batch), matmuls only. "
+        "Time/epoch: mean over epochs after the first (data loading + steps; validation and "
+        "checkpoints excluded). Peak memory: torch's peak allocation on the GPU, else the "
+        "process's max RSS.",
+        "",
+        f"## Paired difference to `{baseline}`",
+        "",
+        *(_pairs_table(pairs, paired, digits, axes, budgets) if pairs else ["No pairs."]),
+        "",
+        "## Checks",
+        "",
+        *_checks(pairs, orphans, results),
+    ]
+    if len(budgets) > 1:
+        out += ["", "## Budgets", ""]
+        for budget, label in budgets.items():
+            record = next(r for r in results.records if cell_key(r).budget == budget)
+            out.append(f"- {label}: `{json.dumps(record.get('budget'), sort_keys=True)}`")
+    if plot:
+        out += ["", f"![paired differences]({plot})"]
+    return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Plot
+
+
+def _label(key: CellKey, axes: Sequence[str], budgets: dict[str, str] | None = None) -> str:
+    parts = [key.method, key.projector]
+    parts += [f"{a}={key.axis(a):g}" for a in axes if key.axis(a) is not None]
+    if budgets and len(budgets) > 1:
+        parts.append(budgets[key.budget])
+    return " · ".join(parts)
+
+
+def budget_labels(keys: Iterable[CellKey]) -> dict[str, str]:
+    """``budget hash -> B1, B2, ...`` in first-seen order."""
+    return {b: f"B{i + 1}" for i, b in enumerate(dict.fromkeys(k.budget for k in keys))}
+
+
+def _plot_metrics(metrics: Sequence[str], available: set[str]) -> list[str]:
+    preferred = [m for m in PLOT_PREFERENCE if m in available]
+    rest = [m for m in metrics if m in available and m not in preferred]
+    return (preferred + rest)[:MAX_PLOT_PANELS]
+
+
+def write_plot(
+    results: Results,
+    metrics: Sequence[str],
+    path: str | os.PathLike,
+    baseline: str = BASELINE,
+) -> Path:
+    """Paired Δ with 95% CIs (dots: seeds) per metric; or means ± std without pairs."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    pairs, _ = paired_differences(results, metrics, baseline)
+    rows = cell_rows(results, metrics)
+    axes_names = _varying_axes([r.key for r in rows])
+    budgets = budget_labels(r.key for r in rows)
+    if pairs:
+        shown = _plot_metrics(metrics, {m for p in pairs for m in p.deltas})
+        labels = [_label(p.key, axes_names, budgets) for p in pairs]
+    else:
+        shown = _plot_metrics(metrics, {m for r in rows for m in r.metrics})
+        labels = [_label(r.key, axes_names, budgets) for r in rows]
+    height = 1.2 + 0.35 * max(1, len(labels))
+    fig = Figure(figsize=(4.2 * max(1, len(shown)), height), layout="constrained")
+    FigureCanvasAgg(fig)
+    panels = fig.subplots(1, max(1, len(shown)), sharey=True, squeeze=False)[0]
+    for ax, name in zip(panels, shown, strict=False):
+        scale = _scale(name)
+        for y, item in enumerate(pairs or rows):
+            if pairs:
+                values = [d * scale for _, d in item.deltas.get(name, [])]
+                ax.scatter(values, [y] * len(values), s=10, color="0.6", zorder=2)
+                interval = confidence_interval(values)
+                if interval is not None:
+                    mean, low, high = interval
+                    ax.errorbar(mean, y, xerr=[[mean - low], [high - mean]], fmt="o",
+                                color="C0", capsize=3, zorder=3)  # fmt: skip
+                elif values:
+                    ax.plot(values[0], y, "o", color="C0", zorder=3)
+            elif name in item.metrics:
+                mean, std, _ = item.metrics[name]
+                ax.errorbar(mean * scale, y, xerr=(std or 0) * scale, fmt="o", color="C0",
+                            capsize=3)  # fmt: skip
+        if pairs:
+            ax.axvline(0, color="k", linewidth=0.8)
+        unit = "pp" if _is_accuracy(name) and pairs else ("%" if _is_accuracy(name) else "")
+        title = f"Δ {metric_title(name)} vs {baseline}" if pairs else metric_title(name)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(unit)
+        ax.grid(axis="x", alpha=0.3)
+    panels[0].set_yticks(range(len(labels)), labels, fontsize=8)
+    panels[0].invert_yaxis()
+    if not shown:
+        panels[0].text(0.5, 0.5, "no metrics to plot", ha="center", transform=panels[0].transAxes)
+    return _save_atomic(fig, Path(path))
+
+
+def _save_atomic(fig: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=110)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="solo-deepfusion bench-report",
+        description="Markdown tables (mean ± std, paired Δ to mlp with 95% CI) and a plot.",
+    )
+    p.add_argument(
+        "results", nargs="+", type=Path, help="JSON-lines files of solo-deepfusion bench"
+    )
+    p.add_argument("--out", type=Path, help="markdown file (default: print it)")
+    p.add_argument("--plot", type=Path, help="PNG of the paired differences")
+    p.add_argument(
+        "--metrics", nargs="+", help="metric keys to show, or `all` (default: main ones)"
+    )
+    p.add_argument("--baseline", default=BASELINE, help="projector label of the baseline")
+    p.add_argument("--digits", type=int, default=1, help="decimals of accuracies in %%")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``solo-deepfusion bench-report``: 0, or 2 for missing files or no usable record."""
+    args = parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    missing = [str(p) for p in args.results if not p.is_file()]
+    if missing:
+        print(f"error: no such file: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    results = load_results(args.results)
+    if not results.records:
+        print("error: no finished (status ok) record in the results", file=sys.stderr)
+        return 2
+    metrics = metric_names(results, args.metrics)
+    plot_ref = None
+    if args.plot is not None:
+        write_plot(results, metrics, args.plot, args.baseline)
+        plot_ref = os.path.relpath(args.plot, args.out.parent) if args.out else str(args.plot)
+    text = render_markdown(
+        results, metrics, digits=args.digits, baseline=args.baseline, plot=plot_ref
+    )
+    if args.out is None:
+        print(text, end="")
+    else:
+        _write_text_atomic(args.out, text)
+        print(f"wrote {args.out}" + (f" and {args.plot}" if args.plot else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
