@@ -43,6 +43,7 @@ from typing import Any
 
 import yaml
 
+from solo_deepfusion.atomic import write_text
 from solo_deepfusion.hub import sha256_file
 from solo_deepfusion.hub.publish import file_record, git_commit, update_manifest
 
@@ -343,6 +344,97 @@ def compare(build: Build, old: dict[str, Any], tolerance: float, exact: bool) ->
     return ok
 
 
+LIMITS = """\
+- CPU scale: a short schedule on a subset of CIFAR-10, far from the 1000-epoch recipes behind
+  solo-learn's published numbers; use it to compare heads and to test pipelines, not as a
+  strong feature extractor.
+- The data is the JPEG (quality 75) copy of CIFAR-10 shared with this project: accuracies are
+  not the same measurement as published CIFAR-10 numbers (lossless images).
+- ResNet-18 with the ImageNet stem at 32 px (the Deep Fusion authors' setting): solo-learn's own
+  `main_linear.py` builds the CIFAR stem for `cifar10`, so use this project's `linear`/`knn`
+  commands, or `zoo export` (which records `data.dataset: custom`) for `main_knn.py`.
+- Projector outputs of a transformer head depend on the other samples of the batch; the
+  backbone features (what the metrics below use, except where the protocol says otherwise)
+  do not.
+"""
+
+
+def recipe_notes(recipe: Path) -> str:
+    """The recipe's leading comment block, without the ``#`` marks."""
+    lines = []
+    for line in recipe.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line[1:].removeprefix(" "))
+    return "\n".join(lines).strip()
+
+
+def model_card(entry: dict[str, Any]) -> str:
+    """A markdown model card for a manifest entry: how trained, how evaluated, numbers, limits."""
+    name, params = entry["name"], entry["params"]
+    metrics = "\n".join(
+        f"| {m['name']} | {m['value']:.2f} | "
+        + ", ".join(f"{k}={v}" for k, v in m["protocol"].items())
+        + " |"
+        for m in entry["metrics"]
+    )
+    files = "\n".join(
+        f"| `{f['filename']}` | {f['role']} | {f['size'] / 2**20:.1f} MiB | `{f['sha256']}` |"
+        for f in entry["files"]
+    )
+    counts = ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in params.items())
+    return f"""# {name}
+
+{recipe_notes(REPO / entry["recipe"])}
+
+| | |
+|---|---|
+| method | {entry["method"]} |
+| projector | {", ".join(f"{k}={v}" for k, v in entry["projector"].items())} |
+| backbone | {", ".join(f"{k}={v}" for k, v in entry["backbone"].items())} |
+| dataset | {entry["dataset"]} |
+| epochs | {entry["epochs"]} |
+| parameters | {counts} |
+| recipe | [`{entry["recipe"]}`](../../{entry["recipe"]}) |
+| code commit | `{entry["code_commit"]}` |
+| date, license | {entry["date"]}, {entry["license"]} |
+
+## Metrics (%)
+
+| metric | value | protocol |
+|---|---|---|
+{metrics}
+
+## Files
+
+| file | role | size | SHA-256 |
+|---|---|---|---|
+{files}
+
+## Use
+
+```python
+from solo_deepfusion.hub import load_backbone
+backbone = load_backbone("{name}")  # verified download, ResNet-18 -> 512-d features
+```
+
+`solo-deepfusion zoo download {name}`, `... zoo verify {name}`, `... zoo export {name} DIR`
+(a solo-learn checkpoint folder). Rebuild from scratch and compare with
+`python scripts/build_zoo.py {name} --check --data <cifar10 folder>`.
+
+## Limits
+
+{LIMITS}"""
+
+
+def write_cards(manifest: Path) -> None:
+    """(Re)write ``<zoo>/cards/<name>.md`` for every entry of ``manifest``."""
+    for entry in yaml.safe_load(manifest.read_text())["models"]:
+        card = manifest.parent / "cards" / f"{entry['name']}.md"
+        write_text(card, model_card(entry))
+        print(f"wrote {card}")
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("entries", nargs="*", help="recipe names (default: every zoo/recipes/*)")
@@ -356,12 +448,16 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--exact", action="store_true", help="--check: hashes must match too")
     parser.add_argument("--no-eval", action="store_true", help="online linear accuracy only")
     parser.add_argument("--full-precision", action="store_true", help="float32 weight files")
+    parser.add_argument("--cards", action="store_true", help="only (re)write the model cards")
     return parser.parse_args(list(argv))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Build (or ``--check``) the requested entries; the exit status."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.cards:
+        write_cards((args.zoo or REPO / "zoo").resolve() / "manifest.yaml")
+        return 0
     from solo_deepfusion.hub import load_backbone
 
     source = args.data or (Path(os.environ[DATA_ENV]) if os.environ.get(DATA_ENV) else None)
@@ -401,6 +497,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         update_manifest(manifest, manifest_entry(build, zoo_dir, args.url_base))
         load_backbone(entry, manifest=manifest, cache_dir=work / "cache", progress=False)
         print(f"wrote {entry} to {manifest} (files in {files_dir / entry}); it loads back")
+    if not args.check:
+        write_cards(manifest)
     return 0 if ok else 1
 
 
