@@ -345,7 +345,7 @@ def test_interrupted_grid_resumes_without_rerunning_finished_cells(bench, study,
 @requires_host
 def test_time_budget_leaves_cells_for_a_later_call(bench, study, tmp_path, monkeypatch):
     clock = [0.0]
-    monkeypatch.setattr(bench.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(bench.runner.time, "monotonic", lambda: clock[0])
 
     def slow(job):
         clock[0] += 100.0  # each cell takes 100 s

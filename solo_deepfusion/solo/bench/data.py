@@ -1,0 +1,92 @@
+"""The data every cell shares: the folder as it is, unpacked, or cut to N images per class."""
+
+from __future__ import annotations
+
+import shutil
+import tarfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from solo_deepfusion.solo.launch import UsageError
+
+
+@dataclass(frozen=True)
+class DataPaths:
+    train: Path
+    val: Path
+
+
+def _split_dir(root: Path, names: Sequence[str]) -> Path | None:
+    return next((root / n for n in names if (root / n).is_dir()), None)
+
+
+def _archive(root: Path, names: Sequence[str]) -> Path | None:
+    return next((root / f"{n}.tar.gz" for n in names if (root / f"{n}.tar.gz").is_file()), None)
+
+
+def _pick(names: Iterator[str], per_class: int | None) -> set[str]:
+    """``split/class/file`` names: the first ``per_class`` files of each class, by name."""
+    by_class: dict[str, list[str]] = {}
+    for name in names:
+        parts = Path(name).parts
+        if len(parts) == 3:
+            by_class.setdefault(parts[1], []).append(name)
+    return {n for files in by_class.values() for n in sorted(files)[:per_class]}
+
+
+def _materialise(
+    root: Path, split: str, aliases: Sequence[str], per_class: int | None, target: Path
+) -> Path:
+    """``target/<split>``: the split (or its first ``per_class`` images per class) from
+    ``root``'s folder or ``.tar.gz`` (named ``<alias>/<class>/<file>`` inside)."""
+    folder, archive = _split_dir(root, aliases), _archive(root, aliases)
+    if folder is not None:
+        files = (str(Path(split, *p.relative_to(folder).parts)) for p in folder.rglob("*"))
+        for name in _pick(files, per_class):
+            dest = target / name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(folder / Path(name).relative_to(split), dest)
+        return target / split
+    if archive is None:
+        raise UsageError(f"{root} holds neither {aliases[0]}/ nor {aliases[0]}.tar.gz")
+    with tarfile.open(archive) as tar:
+        members = [m for m in tar.getmembers() if m.isfile()]
+        wanted = _pick((m.name for m in members), per_class)
+        chosen = [m for m in members if m.name in wanted]  # archive order: one pass
+        for member in chosen:
+            member.name = str(Path(split, *Path(member.name).parts[1:]))
+        tar.extractall(target, members=chosen, filter="data")
+    return target / split
+
+
+def _prepare_split(
+    source: Path, work: Path, split: str, aliases: Sequence[str], per_class: int | None
+) -> Path:
+    """One split as an ImageFolder: in place, or written once under ``work/data``."""
+    folder = _split_dir(source, aliases)
+    if per_class is None and folder is not None:
+        return folder
+    target = work / "data" / f"{source.name}-{split}-{per_class or 'all'}"
+    if not (target / ".complete").is_file():
+        shutil.rmtree(target, ignore_errors=True)
+        _materialise(source, split, aliases, per_class, target)
+        (target / ".complete").touch()
+    return target / split
+
+
+def prepare_data(
+    source: Path, work: Path, train_per_class: int | None = None, val_per_class: int | None = None
+) -> DataPaths:
+    """``train`` and ``val`` ImageFolders from ``source`` (``train/`` + ``test/`` or ``val/``
+    folders, or ``train.tar.gz`` + ``test.tar.gz``), cut to ``*_per_class`` images when given:
+    the first ones of each class by file name, the same for every cell.
+
+    Folders are used in place unless cut; archives and cuts are written once under
+    ``work/data/`` (a ``.complete`` marker says a split is whole) and shared by every cell.
+    """
+    source = source.expanduser().resolve()
+    return DataPaths(
+        _prepare_split(source, work, "train", ("train",), train_per_class),
+        _prepare_split(source, work, "val", ("test", "val"), val_per_class),
+    )

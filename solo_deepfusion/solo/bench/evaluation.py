@@ -1,0 +1,187 @@
+"""Measurements of a trained cell: head cost, unsupervised (1-NN) accuracies, fusion ratio, and
+the offline linear and k-NN evaluations of its saved run."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.data import Dataset
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision.datasets import ImageFolder
+
+from solo_deepfusion.fusion import leave_one_out_1nn_accuracy, summarize
+from solo_deepfusion.heads import TransformerProjector, count_parameters
+from solo_deepfusion.solo import base_method
+from solo_deepfusion.solo.analysis import _LOADER_BATCH, _features, eval_transform
+from solo_deepfusion.solo.bench.jobs import Job
+from solo_deepfusion.solo.context import ContextProjector
+from solo_deepfusion.solo.evaluate import run_knn, run_linear
+from solo_deepfusion.solo.monitor import (
+    MONITOR_SEED,
+    FusionMonitor,
+    balanced_indices,
+    dataset_targets,
+    evaluating,
+    load_samples,
+    local_attention,
+)
+
+
+def head_path(model: nn.Module) -> str:
+    """Where the projection head lives: the variant's, or the stock method's."""
+    path = getattr(model, "context_projector", None)
+    if path:
+        return path
+    return "head.mlp" if base_method(model.cfg.method) == "dino" else "projector"
+
+
+def momentum_head_path(model: nn.Module) -> str | None:
+    """The EMA copy of the head of a momentum method, else ``None``."""
+    if not hasattr(model, "momentum_backbone"):
+        return None
+    path = getattr(model, "momentum_context_projector", None)
+    if path:
+        return path
+    return "momentum_head.mlp" if base_method(model.cfg.method) == "dino" else "momentum_projector"
+
+
+def _flops(fn: Callable[[], Any]) -> int:
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops()
+
+
+def head_cost(model: nn.Module, cfg: DictConfig) -> dict[str, Any]:
+    """Parameters of the (online) head and its forward FLOPs for one training step's tokens.
+
+    ``T = num_large_crops x batch_size`` tokens: one call on all of them for a ``joint``
+    transformer (attention over ``T``), one call per crop of ``batch_size`` otherwise. Counted
+    with ``torch.utils.flop_counter`` (SDPA on its math backend, multiply-add = 2) in eval mode.
+    """
+    head = model.get_submodule(head_path(model))
+    views, batch = cfg.data.num_large_crops, cfg.optimizer.batch_size
+    param = next(head.parameters())
+    x = torch.randn(views * batch, model.features_dim, device=param.device, dtype=param.dtype)
+    joint = isinstance(head, ContextProjector) and head.joint
+    was_training = head.training
+    head.eval()
+    try:
+        if joint:
+            flops = _flops(lambda: head.tail(head.head(x, num_views=views)))
+        else:
+            flops = views * _flops(lambda: head(x[:batch]))
+    finally:
+        head.train(was_training)
+    momentum = momentum_head_path(model)
+    return {
+        "head_params": count_parameters(head),
+        "head_params_momentum": None
+        if momentum is None
+        else count_parameters(model.get_submodule(momentum)),
+        "head_tokens": views * batch,
+        "head_flops": int(flops),
+        "head_context": "joint" if joint else "view",
+    }
+
+
+def _eval_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def unsupervised_accuracies(
+    model: nn.Module,
+    feats: torch.Tensor,
+    labels: torch.Tensor,
+    batch_sizes: Sequence[int],
+    train_batch_size: int,
+) -> dict[str, float | None]:
+    """The authors' "unsupervised accuracy" per evaluation batch size (paper-notes §3.4).
+
+    Head outputs (head and the method's tail, eval mode) are computed one evaluation batch at a
+    time over ``feats`` in their fixed order; each sample's nearest other sample of its batch
+    (cosine) must share its label; the last incomplete batch is dropped. ``_head`` keys score
+    head outputs, ``_backbone`` keys the backbone features within the same batches;
+    ``uacc_train_bs_head`` uses the training batch size, as the authors' code does.
+    """
+    head = model.get_submodule(head_path(model))
+    out: dict[str, float | None] = {}
+    sizes = [(f"uacc_b{size}", size) for size in batch_sizes]
+    for name, size in [*sizes, ("uacc_train_bs", train_batch_size)]:
+        scored = feats.shape[0] // size * size
+        if scored == 0 or size < 2:
+            out[f"{name}_head"] = None
+            out[f"{name}_backbone"] = None
+            continue
+        outputs = torch.cat([head(chunk) for chunk in feats[:scored].split(size)])
+        out[f"{name}_head"] = leave_one_out_1nn_accuracy(outputs, labels[:scored], size)
+        out[f"{name}_backbone"] = leave_one_out_1nn_accuracy(feats[:scored], labels[:scored], size)
+    out.pop("uacc_train_bs_backbone")
+    out["backbone_1nn_acc"] = leave_one_out_1nn_accuracy(feats, labels, None)
+    return out
+
+
+def fusion_numbers(model: nn.Module, dataset: Dataset, samples: int) -> dict[str, Any]:
+    """Per-layer fusion ratio of a class-balanced batch of ``dataset`` (transformer heads)."""
+    head = model.get_submodule(head_path(model))
+    if not (isinstance(head, ContextProjector) and isinstance(head.head, TransformerProjector)):
+        return {}
+    indices = balanced_indices(dataset_targets(dataset), samples, seed=MONITOR_SEED)
+    images, labels = load_samples(dataset, indices.tolist())
+    stats = FusionMonitor(images, labels).compute(model)
+    summary = summarize(stats)
+    return {
+        "fusion_ratio_last": summary["last_fusion_ratio"],
+        "fusion_ratio_layers": [s.fusion_ratio for s in stats],
+        "fusion_samples": int(images.shape[0]),
+    }
+
+
+def evaluate_in_memory(model: nn.Module, cfg: DictConfig, job: Job) -> dict[str, Any]:
+    """Unsupervised accuracies and fusion ratio of the trained model on the validation split."""
+    if job.val_path is None:
+        return {}
+    settings = job.eval
+    device = _eval_device(settings["device"])
+    model.to(device)
+    transform = eval_transform(OmegaConf.create({"data": {"dataset": settings["dataset"]}}))
+    dataset = ImageFolder(job.val_path, transform=transform)
+    targets = torch.as_tensor(dataset.targets)
+    if settings["eval_max_images"]:
+        order = balanced_indices(targets, settings["eval_max_images"], seed=MONITOR_SEED)
+    else:
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(MONITOR_SEED))
+    head = model.get_submodule(head_path(model))
+    with evaluating(model), local_attention(head):
+        feats = _features(model, dataset, order, _LOADER_BATCH, settings["workers"])
+        labels = targets[order].to(feats.device)
+        metrics = unsupervised_accuracies(
+            model, feats, labels, settings["eval_batch_sizes"], cfg.optimizer.batch_size
+        )
+        fusion = fusion_numbers(model, dataset, settings["fusion_samples"])
+    return {"metrics": metrics, "fusion": fusion, "eval_images": int(order.numel())}
+
+
+def _with_run(argv: list[str], run: Path) -> list[str]:
+    return [a.replace("<run>", str(run)) for a in argv]
+
+
+def offline_metrics(job: Job, run: Path) -> dict[str, Any]:
+    """Offline linear acc@1 and backbone k-NN acc@1 (fractions) from the saved run."""
+    metrics: dict[str, Any] = {}
+    if job.knn_argv is not None:
+        results = run_knn(_with_run(job.knn_argv, run))
+        temperatures = {row["temperature"] for row in results["results"]}
+        for row in results["results"]:
+            suffix = f"_t{row['temperature']:g}" if len(temperatures) > 1 else ""
+            metrics[f"knn_k{row['k']}{suffix}_acc1"] = row["acc1"]
+    if job.linear_argv is not None:
+        metrics["offline_linear_acc1"] = run_linear(_with_run(job.linear_argv, run))["acc1"]
+    return metrics
