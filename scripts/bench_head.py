@@ -39,13 +39,11 @@ import argparse
 import contextlib
 import copy
 import functools
-import json
 import math
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -56,6 +54,7 @@ import torchvision
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from solo_deepfusion.atomic import write_json
 from solo_deepfusion.heads import PRESETS, build_projector, count_parameters, forward_flops
 
 IN_DIM, HIDDEN_DIM, OUT_DIM, NUM_VIEWS = 512, 2048, 256, 2
@@ -488,23 +487,6 @@ def footer(rows: list[Row], args: argparse.Namespace, device: torch.device) -> s
             "memory growth, log-log slope vs T (1 = linear, 2 = quadratic): " + ", ".join(slopes)
         )
     return "\n".join(f"- {n}" for n in notes)
-
-
-def write_json(path: Path, payload: dict) -> None:
-    """Write ``payload`` to ``path`` atomically (temporary file in the same folder, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def main(argv: list[str] | None = None) -> None:

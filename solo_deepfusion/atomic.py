@@ -44,6 +44,6 @@ def write_text(path: PathLike, text: str) -> Path:
     return Path(path)
 
 
-def write_json(path: PathLike, data: Any) -> Path:
-    """``data`` as indented, strict JSON (a NaN or infinity is an error: convert it first)."""
-    return write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
+def write_json(path: PathLike, data: Any, *, allow_nan: bool = False) -> Path:
+    """``data`` as indented JSON; strict by default (a NaN or infinity is an error)."""
+    return write_text(path, json.dumps(data, indent=2, allow_nan=allow_nan) + "\n")

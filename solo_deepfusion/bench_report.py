@@ -36,11 +36,13 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from solo_deepfusion.atomic import write_text
+from solo_deepfusion.fusion.plots import save_figure_atomic
 
 BASELINE = "mlp"
 AXES = ("batch_size", "temperature", "weight_decay", "depth")
@@ -645,34 +647,7 @@ def write_plot(
     panels[0].invert_yaxis()
     if not shown:
         panels[0].text(0.5, 0.5, "no metrics to plot", ha="center", transform=panels[0].transAxes)
-    return _save_atomic(fig, Path(path))
-
-
-def _save_atomic(fig: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=110)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    return save_figure_atomic(fig, path, dpi=110)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -719,7 +694,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out is None:
         print(text, end="")
     else:
-        _write_text_atomic(args.out, text)
+        write_text(args.out, text)
         print(f"wrote {args.out}" + (f" and {args.plot}" if args.plot else ""))
     return 0
 

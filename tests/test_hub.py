@@ -23,8 +23,8 @@ import yaml
 from solo_deepfusion import cli as top_cli
 from solo_deepfusion import hub
 from solo_deepfusion._host import INSTALL_HINT
+from solo_deepfusion.atomic import atomic_path
 from solo_deepfusion.hub import cli
-from solo_deepfusion.hub.atomic import atomic_path
 from solo_deepfusion.hub.publish import file_record as publish_record
 from solo_deepfusion.hub.publish import update_manifest
 

@@ -17,7 +17,8 @@ from typing import Any
 
 import yaml
 
-from .atomic import atomic_path
+from solo_deepfusion.atomic import atomic_path
+
 from .cache import sha256_file
 from .manifest import REPO_ZOO_DIR, PathLike, _plain, validate_manifest
 

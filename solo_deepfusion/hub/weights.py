@@ -19,7 +19,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_path
+from solo_deepfusion.atomic import atomic_path
+
 from .download import download
 from .manifest import PathLike, ZooEntry, get_entry
 

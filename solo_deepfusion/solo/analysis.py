@@ -28,7 +28,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torchvision.datasets import ImageFolder
 
+from solo_deepfusion.atomic import write_json
 from solo_deepfusion.fusion import (
     FusionStats,
     format_table,
@@ -82,7 +82,6 @@ __all__ = [
     "read_monitor_log",
     "resolve_checkpoint",
     "unsupervised_accuracy",
-    "write_json_atomic",
 ]
 
 
@@ -219,22 +218,6 @@ def _attention(
     return maps, fusion_stats(maps, labels, num_views=num_views)
 
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> Path:
-    """Write ``data`` as strict JSON (non-finite floats as ``null``) via a temporary file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def accuracy_table(result: dict[str, Any]) -> str:
     """The 1-NN accuracies as a small fixed-width table."""
     header = ("eval batch", "scored", "head 1-NN", "backbone 1-NN")
@@ -334,7 +317,7 @@ def analyse_checkpoint(
         "files": files,
     }
     result = json_safe(result)
-    write_json_atomic(out / "fusion.json", result)
+    write_json(out / "fusion.json", json_safe(result))
     print(format_table(stats))
     print()
     print(accuracy_table(accuracy))

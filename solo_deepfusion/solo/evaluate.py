@@ -22,7 +22,6 @@ import itertools
 import json
 import os
 import sys
-import tempfile
 from argparse import Namespace
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from solo_deepfusion.atomic import write_json
 from solo_deepfusion.solo.data import (
     classification_loaders,
     eval_datasets,
@@ -80,7 +80,6 @@ __all__ = [
     "linear_config",
     "run_knn",
     "run_linear",
-    "write_json",
 ]
 
 
@@ -118,20 +117,6 @@ def find_run(path: str | os.PathLike) -> PretrainedRun:
     if not args.is_file():
         raise UsageError(f"{checkpoint.parent} has no args.json (written next to the checkpoint)")
     return PretrainedRun(checkpoint, OmegaConf.create(json.loads(args.read_text())))
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write ``data`` as JSON through a temporary file, so ``path`` is never half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _report(results: dict[str, Any], output: Path | None) -> None:

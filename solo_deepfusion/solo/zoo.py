@@ -27,7 +27,7 @@ from solo.methods.base import BaseMethod
 from solo.utils.misc import omegaconf_select
 from torch import nn
 
-from solo_deepfusion.hub.atomic import atomic_path
+from solo_deepfusion.atomic import atomic_path, write_json
 from solo_deepfusion.hub.download import download
 from solo_deepfusion.hub.manifest import PathLike, ZooEntry, get_entry
 from solo_deepfusion.hub.publish import git_commit
@@ -75,12 +75,6 @@ def param_counts(model: BaseMethod) -> dict[str, int]:
     }
 
 
-def _write_json(data: Any, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    return path
-
-
 def export_checkpoint(
     ckpt_path: PathLike,
     args_json: PathLike,
@@ -125,7 +119,7 @@ def export_checkpoint(
             backbone, out / files["backbone"], {**metadata, "role": "backbone"}, half=half
         ),
         save_state_dict(state, out / files["full"], {**metadata, "role": "full"}, half=half),
-        _write_json(OmegaConf.to_container(cfg, resolve=True), out / files["args"]),
+        write_json(out / files["args"], OmegaConf.to_container(cfg, resolve=True)),
     ]
 
 
@@ -232,5 +226,5 @@ def export_solo(
     checkpoint = {"state_dict": state, "pytorch-lightning_version": lightning.__version__}
     with atomic_path(ckpt) as tmp:
         torch.save(checkpoint, tmp)
-    _write_json(solo_args(cfg), folder / "args.json")
+    write_json(folder / "args.json", solo_args(cfg))
     return folder

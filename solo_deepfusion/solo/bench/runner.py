@@ -21,12 +21,12 @@ from omegaconf import DictConfig
 from solo.utils.checkpointer import Checkpointer
 from solo.utils.misc import omegaconf_select
 
+from solo_deepfusion.atomic import write_json
 from solo_deepfusion.solo.bench.evaluation import evaluate_in_memory, head_cost, offline_metrics
 from solo_deepfusion.solo.bench.grid import describe
 from solo_deepfusion.solo.bench.jobs import Job
 from solo_deepfusion.solo.bench.probe import BenchProbe
 from solo_deepfusion.solo.bench.records import SCHEMA, append_record, environment, finished_cells
-from solo_deepfusion.solo.evaluate import write_json
 from solo_deepfusion.solo.launch import run_pretrain
 from solo_deepfusion.solo.monitor import json_safe
 
@@ -153,7 +153,7 @@ def run_job_subprocess(job: Job, timeout_s: float | None = None) -> dict[str, An
     result = job.work_dir.with_suffix(".result.json")
     log = job.work_dir.with_suffix(".log")
     result.unlink(missing_ok=True)
-    write_json(spec, job.to_json())
+    write_json(spec, job.to_json(), allow_nan=True)
     command = [sys.executable, "-m", "solo_deepfusion.solo.bench", "--run-job", str(spec)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with log.open("w") as out:
@@ -179,7 +179,7 @@ def run_job_file(path: Path) -> int:
     except Exception:
         traceback.print_exc()
         return 1
-    write_json(job.work_dir.with_suffix(".result.json"), record)
+    write_json(job.work_dir.with_suffix(".result.json"), record, allow_nan=True)
     return 0
 
 
