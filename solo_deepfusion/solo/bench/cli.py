@@ -45,11 +45,18 @@ from solo_deepfusion.solo.launch import (
     pretrain_config,
 )
 
-# Keys a method needs that a recipe of another method may lack: filled only when missing.
-METHOD_FILLS: dict[str, dict[str, str]] = {
-    name: {"method_kwargs.pred_hidden_dim": "${method_kwargs.proj_hidden_dim}"}
-    for name in ("byol", "mocov3", "nnbyol", "nnclr", "nnsiam", "simsiam")
-}
+PREDICTOR_METHODS = ("byol", "mocov3", "nnbyol", "nnclr", "nnsiam", "simsiam")
+MOMENTUM_METHODS = ("all4one", "byol", "dino", "mocov2plus", "mocov3", "nnbyol", "ressl")
+
+
+def method_fills(method: str) -> dict[str, str]:
+    """Keys ``method`` needs that a recipe written for another method may lack."""
+    fills = {}
+    if method in PREDICTOR_METHODS:
+        fills["method_kwargs.pred_hidden_dim"] = "${method_kwargs.proj_hidden_dim}"
+    if method in MOMENTUM_METHODS:  # solo-learn's BYOL recipe values
+        fills.update({"momentum.base_tau": "0.99", "momentum.final_tau": "1.0"})
+    return fills
 
 
 def _float(text: str) -> float:
@@ -180,7 +187,7 @@ def _method_overrides(items: Sequence[str], methods: Sequence[str]) -> dict[str,
 def _fills(recipe: DictConfig, method: str, given: Sequence[str]) -> list[str]:
     """Overrides for keys ``method`` needs that the recipe and the user leave unset."""
     fills = []
-    for key, value in METHOD_FILLS.get(method, {}).items():
+    for key, value in method_fills(method).items():
         if omegaconf_select(recipe, key, None) is None and not has_override(given, key):
             fills.append(f"++{key}={value}")
     return fills
