@@ -217,6 +217,22 @@ def test_pretrain_writes_args_and_checkpoint(quick_args, tmp_path, monkeypatch):
     assert any(k.startswith("projector.head.") for k in checkpoint["state_dict"])
 
 
+def test_fusion_monitor_from_the_recipe_logs_per_layer_numbers(quick_args, tmp_path):
+    argv = quick_args(
+        *SMALL,
+        "++limit_train_batches=1",
+        "max_epochs=2",
+        "projector.fusion_monitor=true",
+        "projector.fusion_monitor_samples=20",
+    )
+    assert launch.pretrain(argv) == 0
+    (run,) = runs(tmp_path / "ckpt", "simclr_transformer")
+    lines = [json.loads(line) for line in (run / "fusion.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [0, 1]
+    assert all(len(line["layers"]) == 4 for line in lines)  # the small preset's depth
+    assert "fusion/layer4/fusion_ratio" in (run / "metrics.csv").read_text()
+
+
 def test_mlp_projector_trains_the_stock_method(quick_args, tmp_path):
     trainer = launch.run_pretrain(quick_args("--projector", "mlp", "++limit_train_batches=1"))
     assert type(trainer.lightning_module) is METHODS["simclr"]
