@@ -216,3 +216,23 @@ def test_export_solo_is_accepted_by_solo_learns_loaders(run, zoo, tmp_path):
 def test_cli_export(run, zoo, tmp_path, capsys):
     assert cli.main(["export", NAME, str(tmp_path), "--manifest", str(zoo)]) == 0
     assert capsys.readouterr().out == f"{tmp_path / 'simclr_transformer'}\n"
+
+
+def test_fusion_analysis_takes_a_zoo_name(run, zoo, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from solo_deepfusion.solo.analysis import analyse_checkpoint
+
+    monkeypatch.setenv("SOLO_DEEPFUSION_ZOO_MANIFEST", str(zoo))
+    for label in ("a", "b"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (16, 16), (60 * i, 100 if label == "a" else 0, 0)).save(
+                tmp_path / "data" / label / f"{i}.png"
+            )
+    result = analyse_checkpoint(
+        NAME, tmp_path / "data", batch_size=8, eval_batch_sizes=(4,), out_dir=tmp_path / "out"
+    )
+    assert result["checkpoint"].endswith(f"{NAME}.full.safetensors")
+    assert len(result["fusion_ratio"]) == 2  # the depth of SMALL
+    assert (tmp_path / "out" / "heatmaps.png").is_file()

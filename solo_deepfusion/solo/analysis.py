@@ -40,6 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torchvision.datasets import ImageFolder
 
+from solo_deepfusion import hub
 from solo_deepfusion.atomic import write_json
 from solo_deepfusion.fusion import (
     FusionStats,
@@ -108,7 +109,8 @@ def resolve_checkpoint(checkpoint: str | os.PathLike) -> tuple[Path, Path]:
         path = candidates[-1]
     elif not path.is_file():
         raise FileNotFoundError(
-            f"{checkpoint}: no such checkpoint file or run folder (zoo names are not supported yet)"
+            f"{checkpoint}: no such checkpoint file, run folder or zoo entry "
+            "(`solo-deepfusion zoo list` shows the entries)"
         )
     args = path.parent / "args.json"
     if not args.is_file():
@@ -117,13 +119,24 @@ def resolve_checkpoint(checkpoint: str | os.PathLike) -> tuple[Path, Path]:
 
 
 def load_run(checkpoint: str | os.PathLike) -> tuple[BaseMethod, DictConfig, Path]:
-    """The model (strictly loaded, eval mode, CPU), its config and its checkpoint file."""
-    ckpt, args = resolve_checkpoint(checkpoint)
-    cfg = OmegaConf.create(json.loads(args.read_text()))
-    OmegaConf.set_struct(cfg, False)
-    model = load_model(ckpt, cfg, strict=True)
+    """The model (strictly loaded, eval mode, CPU), its config and its weights file.
+
+    ``checkpoint`` is a ``.ckpt`` file, a run folder, or the name of a zoo entry (its verified
+    ``full`` weights are downloaded into the cache).
+    """
+    if not Path(checkpoint).expanduser().exists() and str(checkpoint) in hub.list_models():
+        from solo_deepfusion.solo.zoo import load_model as load_zoo_model
+
+        model = load_zoo_model(str(checkpoint), progress=False)
+        weights = hub.cached_path(hub.get_entry(str(checkpoint)), role="full")
+        cfg = model.cfg
+    else:
+        weights, args = resolve_checkpoint(checkpoint)
+        cfg = OmegaConf.create(json.loads(args.read_text()))
+        OmegaConf.set_struct(cfg, False)
+        model = load_model(weights, cfg, strict=True)
     fusion_head(model)  # fail early, with the reason, for a model without a transformer head
-    return model.eval(), cfg, ckpt
+    return model.eval(), cfg, weights
 
 
 def read_monitor_log(run_dir: Path) -> list[dict[str, Any]]:
@@ -285,20 +298,16 @@ def analyse_checkpoint(
 
     monitor = read_monitor_log(ckpt.parent)
     curves = {f"checkpoint ({ckpt.stem})": stats, **monitor_curves(monitor)}
-    files = {
-        "heatmaps": str(out / "heatmaps.png"),
-        "fusion_ratio": str(out / "fusion_ratio.png"),
-        "json": str(out / "fusion.json"),
-    }
+    files = {"heatmaps": "heatmaps.png", "fusion_ratio": "fusion_ratio.png", "json": "fusion.json"}
     plot_attention_heatmaps(
         maps,
         labels,
-        files["heatmaps"],
+        out / files["heatmaps"],
         num_views=num_views,
         per_head=per_head,
         class_names=dataset.classes,
     )
-    plot_fusion_ratio(curves, files["fusion_ratio"], title=f"Deep Fusion: {cfg.method}")
+    plot_fusion_ratio(curves, out / files["fusion_ratio"], title=f"Deep Fusion: {cfg.method}")
     summary = summarize(stats)
     result = {
         "checkpoint": str(ckpt),
