@@ -156,7 +156,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--work",
         type=Path,
-        default=Path("benchmarks/work"),
+        default=Path("benchmarks/scratch"),
         help="cell folders (runs/<cell id>) and prepared data",
     )
     r.add_argument("--isolation", choices=("subprocess", "in-process"), default="subprocess")
