@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import lightning.pytorch as pl
 import torch
 from solo.methods import METHODS
+from solo.utils.misc import make_contiguous
 
 from solo_deepfusion.atomic import write_json
 from solo_deepfusion.heads import count_parameters
@@ -81,6 +82,7 @@ def stock_simclr(argv: Sequence[str], timer: StepTimer) -> torch.nn.Module:
     pl.seed_everything(cfg.seed)
     model = METHODS["simclr"](cfg)
     apply_stem(model, cfg.backbone.stem, cfg.seed)
+    make_contiguous(model)  # as solo-learn's main_pretrain.py does
     model = model.to(memory_format=torch.channels_last)
     trainer = pl.Trainer(
         accelerator=cfg.accelerator,
