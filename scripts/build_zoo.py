@@ -415,7 +415,8 @@ def model_card(entry: dict[str, Any]) -> str:
 
 ```python
 from solo_deepfusion.hub import load_backbone
-backbone = load_backbone("{name}")  # verified download, ResNet-18 -> 512-d features
+
+backbone = load_backbone("{name}")  # verified download; images -> 512-d
 ```
 
 `solo-deepfusion zoo download {name}`, `... zoo verify {name}`, `... zoo export {name} DIR`
