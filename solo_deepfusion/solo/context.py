@@ -11,7 +11,8 @@ runs twice and no method code is repeated here.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -69,6 +70,20 @@ class _Served:
         return compute(x)
 
 
+@contextmanager
+def _serving(
+    served: _Served, head: ContextProjector, outputs: list[tuple[torch.Tensor, dict[str, Any]]]
+) -> Iterator[None]:
+    """For one training step: serve ``outputs`` per crop and the head's joint projection."""
+    served.items = outputs
+    head.project([out["feats"] for _, out in outputs])
+    try:
+        yield
+    finally:
+        served.items = []
+        head.release()
+
+
 def _crops(batch: Any) -> list[torch.Tensor]:
     crops = batch[1]
     return [crops] if isinstance(crops, torch.Tensor) else list(crops)
@@ -94,15 +109,10 @@ class JointContextMixin(BaseMethod):
         crops = _crops(batch)
         large = crops[: self.num_large_crops]
         small = crops[self.num_large_crops :] if self.cfg.projector.small_crops else []
-        served = self._online_served
-        served.items = [(x, super(JointContextMixin, self).forward(x)) for x in large]
-        served.items += [(x, super(JointContextMixin, self).multicrop_forward(x)) for x in small]
-        head.project([out["feats"] for _, out in served.items])
-        try:
+        outputs = [(x, super(JointContextMixin, self).forward(x)) for x in large]
+        outputs += [(x, super(JointContextMixin, self).multicrop_forward(x)) for x in small]
+        with _serving(self._online_served, head, outputs):
             return super().training_step(batch, batch_idx)
-        finally:
-            served.items = []
-            head.release()
 
     def forward(self, X: torch.Tensor) -> dict[str, Any]:
         return self._online_served.get(X, super().forward)
@@ -124,18 +134,12 @@ class MomentumJointContextMixin(BaseMomentumMethod, JointContextMixin):
         head: ContextProjector = self.get_submodule(self.momentum_context_projector)
         if not head.joint:
             return super().training_step(batch, batch_idx)
-        served = self._momentum_served
         large = _crops(batch)[: self.num_large_crops]
-        served.items = [
-            (x, super(MomentumJointContextMixin, self).momentum_forward(x)) for x in large
-        ]
-        with torch.no_grad():
-            head.project([out["feats"] for _, out in served.items])
-        try:
+        # momentum_forward runs under no_grad and the EMA head has no trainable parameters,
+        # so its joint projection records no graph either.
+        outputs = [(x, super(MomentumJointContextMixin, self).momentum_forward(x)) for x in large]
+        with _serving(self._momentum_served, head, outputs):
             return super().training_step(batch, batch_idx)
-        finally:
-            served.items = []
-            head.release()
 
     def momentum_forward(self, X: torch.Tensor) -> dict[str, Any]:
         return self._momentum_served.get(X, super().momentum_forward)
