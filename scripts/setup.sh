@@ -26,7 +26,8 @@ printf 'setuptools<81\ntorch==2.14.1\ntorchvision==0.29.1\n' >"$constraints"
 export PIP_CONSTRAINT="$constraints"
 
 "${pip[@]}" torch==2.14.1 torchvision==0.29.1
-"${pip[@]}" -e ".[dev]"
+# SOLO_DEEPFUSION_EXTRAS: the extras of solo-deepfusion to install (CI adds `dali`).
+"${pip[@]}" -e ".[${SOLO_DEEPFUSION_EXTRAS:-dev}]"
 
 host_pin="$("$py" -c 'import tomllib; d = tomllib.load(open("pyproject.toml", "rb"))
 print(next(r for r in d["project"]["optional-dependencies"]["solo"] if r.startswith("solo-learn")).rsplit("@", 1)[1])')"
@@ -68,7 +69,7 @@ fi
 
 if [ -n "$source_dir" ]; then
   "${pip[@]}" -e "$source_dir" "${host_deps[@]}"
-elif ! "${pip[@]}" -e ".[dev,solo]" 2>/dev/null; then
+elif ! "${pip[@]}" -e ".[${SOLO_DEEPFUSION_EXTRAS:-dev},solo]" 2>/dev/null; then
   echo "solo-learn could not be installed (no \$SOLO_LEARN_SOURCE, no shared/host archive, no GitHub):" \
     "the host-free parts (heads, fusion, hub, demo) work; the solo-learn integration does not." >&2
   exit 0
