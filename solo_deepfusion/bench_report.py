@@ -4,7 +4,7 @@ Example::
 
     solo-deepfusion bench-report benchmarks/results.jsonl --out report.md --plot report.png
 
-Host-free: the standard library and matplotlib (scipy when importable), no solo-learn, so the
+Host-free: the standard library, scipy and matplotlib, no solo-learn, so the
 report can be made anywhere the JSON-lines files are. It reads one or more results files (the
 last ``ok`` record of a cell wins; failed cells and damaged lines are listed, not used) and
 writes a markdown report:
@@ -15,10 +15,10 @@ writes a markdown report:
 * **Paired difference to the ``mlp`` head**: for each other head, ``Δ = head - mlp`` per seed,
   against the ``mlp`` run of the same method, seed, budget and ablation values (an axis that
   does not apply to the MLP, such as depth, matches any value), then the mean Δ and its 95%
-  confidence interval over seeds, ``mean ± t(0.975, n-1) · sd / √n`` (Student t; the quantile
-  from ``scipy.stats.t`` when scipy is importable, else from the built-in table
-  :data:`T_975`, which is exact to 6 digits at its degrees of freedom and rounds any other up
-  to the next smaller listed one, i.e. a slightly wider interval).
+  confidence interval over seeds, ``mean ± t(0.975, n-1) · sd / √n`` (Student t), and the
+  paired t-test's p-value, Holm-adjusted across the heads compared with the same ``mlp`` cells
+  (one family per metric, method and budget), so that several arms can be screened at once
+  without inflating false positives.
 * **Checks**: paired runs whose data order differed (``run.data_order_sha256``), cells without
   a baseline, failed cells.
 
@@ -29,7 +29,6 @@ metric; with no pairs, the per-cell means ± std. The PNG is written atomically.
 from __future__ import annotations
 
 import argparse
-import bisect
 import hashlib
 import json
 import math
@@ -41,21 +40,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import scipy.stats
+
 from solo_deepfusion.atomic import write_text
 from solo_deepfusion.fusion.plots import save_figure_atomic
 
 BASELINE = "mlp"
 AXES = ("batch_size", "temperature", "weight_decay", "depth")
-# Two-sided 95% quantiles of Student's t, t(0.975, df).
-T_975: dict[int, float] = {
-    1: 12.706205, 2: 4.302653, 3: 3.182446, 4: 2.776445, 5: 2.570582, 6: 2.446912,
-    7: 2.364624, 8: 2.306004, 9: 2.262157, 10: 2.228139, 11: 2.200985, 12: 2.178813,
-    13: 2.160369, 14: 2.144787, 15: 2.131450, 16: 2.119905, 17: 2.109816, 18: 2.100922,
-    19: 2.093024, 20: 2.085963, 21: 2.079614, 22: 2.073873, 23: 2.068658, 24: 2.063899,
-    25: 2.059539, 26: 2.055529, 27: 2.051831, 28: 2.048407, 29: 2.045230, 30: 2.042272,
-    40: 2.021075, 60: 2.000298, 120: 1.979930,
-}  # fmt: skip
 METRIC_NAMES = {
+    "feature_linear_acc1": "linear (features)",
     "online_linear_acc1": "online linear",
     "offline_linear_acc1": "offline linear",
     "uacc_train_bs_head": "unsup. acc (train B)",
@@ -63,6 +56,7 @@ METRIC_NAMES = {
     "fusion_ratio_last": "fusion ratio (last)",
 }
 PLOT_PREFERENCE = (
+    "feature_linear_acc1",
     "offline_linear_acc1",
     "online_linear_acc1",
     "knn_k20_acc1",
@@ -71,15 +65,16 @@ PLOT_PREFERENCE = (
 MAX_PLOT_PANELS = 4
 
 __all__ = [
-    "T_975",
     "CellKey",
     "Pair",
     "Results",
     "cell_rows",
     "confidence_interval",
+    "holm_adjust",
     "load_results",
     "main",
     "paired_differences",
+    "paired_p_value",
     "render_markdown",
     "t_quantile",
     "write_plot",
@@ -90,16 +85,29 @@ __all__ = [
 # Statistics
 
 
-def t_quantile(df: int) -> tuple[float, str]:
-    """``(t(0.975, df), source)``: scipy's when importable, else the table's (rounded up)."""
+def t_quantile(df: int) -> float:
+    """``t(0.975, df)``, the two-sided 95% quantile of Student's t."""
     if df < 1:
         raise ValueError(f"degrees of freedom must be >= 1, got {df}")
-    try:
-        from scipy.stats import t
-    except ImportError:
-        listed = sorted(T_975)
-        return T_975[listed[bisect.bisect_right(listed, df) - 1]], "table"
-    return float(t.ppf(0.975, df)), "scipy"
+    return float(scipy.stats.t.ppf(0.975, df))
+
+
+def paired_p_value(deltas: Sequence[float]) -> float | None:
+    """Two-sided p-value of the paired t-test ``mean Δ = 0``; ``None`` for n < 2 or no spread."""
+    if len(deltas) < 2 or statistics.pstdev(deltas) == 0:
+        return None
+    return float(scipy.stats.ttest_1samp(deltas, 0.0).pvalue)
+
+
+def holm_adjust(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment: family-wise error control for several comparisons."""
+    order = sorted(range(len(p_values)), key=p_values.__getitem__)
+    adjusted = [0.0] * len(p_values)
+    running = 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[index]))
+        adjusted[index] = running
+    return adjusted
 
 
 def confidence_interval(values: Sequence[float]) -> tuple[float, float, float] | None:
@@ -108,7 +116,7 @@ def confidence_interval(values: Sequence[float]) -> tuple[float, float, float] |
     if n < 2:
         return None
     mean = statistics.fmean(values)
-    half = t_quantile(n - 1)[0] * statistics.stdev(values) / math.sqrt(n)
+    half = t_quantile(n - 1) * statistics.stdev(values) / math.sqrt(n)
     return mean, mean - half, mean + half
 
 
@@ -213,8 +221,9 @@ def metric_names(results: Results, wanted: Sequence[str] | None = None) -> list[
     def rank(name: str) -> tuple[int, int, str]:
         part = [*name.split("_"), ""][1]
         number = int("".join(c for c in part if c.isdigit()) or 0)
-        if name in ("online_linear_acc1", "offline_linear_acc1"):
-            return 0, name.startswith("offline"), name
+        linear = ("feature_linear_acc1", "offline_linear_acc1", "online_linear_acc1")
+        if name in linear:
+            return 0, linear.index(name), name
         if name.startswith("knn_k"):
             return 1, number, name
         if name == "uacc_train_bs_head":
@@ -280,6 +289,7 @@ class Pair:
     order_compared: int
     init_mismatches: list[int] = field(default_factory=list)  # seeds: backbone init differs
     init_compared: int = 0
+    p_holm: dict[str, float] = field(default_factory=dict)  # metric -> Holm-adjusted p-value
 
 
 def _matches(base: CellKey, key: CellKey, baseline: str) -> bool:
@@ -335,7 +345,22 @@ def paired_differences(
         order = _hash_check(by_seed, base, seeds, "data_order_sha256")
         init = _hash_check(by_seed, base, seeds, "backbone_init_sha256")
         pairs.append(Pair(key, base_key, deltas, *order, *init))
+    _holm_families(pairs, metrics)
     return pairs, orphans
+
+
+def _holm_families(pairs: list[Pair], metrics: Sequence[str]) -> None:
+    """Fill ``Pair.p_holm``: one Holm family per metric, method and budget."""
+    for name in metrics:
+        families: dict[tuple[str, str], list[tuple[Pair, float]]] = {}
+        for pair in pairs:
+            p = paired_p_value([d for _, d in pair.deltas.get(name, [])])
+            if p is not None:
+                families.setdefault((pair.key.method, pair.key.budget), []).append((pair, p))
+        for members in families.values():
+            adjusted = holm_adjust([p for _, p in members])
+            for (pair, _), value in zip(members, adjusted, strict=True):
+                pair.p_holm[name] = value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,7 +446,9 @@ def _results_table(
     return _table(header, body)
 
 
-def _delta_cell(deltas: list[tuple[int, float]], name: str, digits: int) -> str:
+def _delta_cell(
+    deltas: list[tuple[int, float]], name: str, digits: int, p_holm: float | None
+) -> str:
     if not deltas:
         return "–"
     values = [d for _, d in deltas]
@@ -432,7 +459,7 @@ def _delta_cell(deltas: list[tuple[int, float]], name: str, digits: int) -> str:
     return (
         f"{_fmt(mean, name, digits, signed=True)} "
         f"[{_fmt(low, name, digits, signed=True)}, {_fmt(high, name, digits, signed=True)}] "
-        f"(n={len(values)})"
+        f"(n={len(values)}" + ("" if p_holm is None else f", p_Holm={p_holm:.2g}") + ")"
     )
 
 
@@ -442,7 +469,7 @@ def _pairs_table(pairs: list[Pair], metrics, digits: int, axes, budgets) -> list
     body = [
         [
             *_key_cells(p.key, axes, budgets),
-            *(_delta_cell(p.deltas.get(m, []), m, digits) for m in metrics),
+            *(_delta_cell(p.deltas.get(m, []), m, digits, p.p_holm.get(m)) for m in metrics),
         ]
         for p in pairs
     ]
@@ -528,7 +555,6 @@ def render_markdown(
     axes = _varying_axes(keys)
     paired = [m for m in metrics if any(p.deltas.get(m) for p in pairs)]
     budgets = budget_labels(keys)
-    source = "scipy.stats.t" if t_quantile(1)[1] == "scipy" else "the built-in t table"
     out = [
         "# Deep Fusion benchmark: transformer head vs feed-forward head",
         "",
@@ -538,7 +564,8 @@ def render_markdown(
         "Accuracies in %, mean ± sample std over seeds; the fusion ratio is a ratio (1 = no "
         "class preference). Δ: the paired difference to the `mlp` head of the same method, seed, "
         "ablation values and budget, in percentage points, with its 95% confidence interval over "
-        f"seeds (Student t, quantile from {source}). An interval that contains 0 shows no "
+        "seeds (Student t) and the paired t-test's p-value, Holm-adjusted across the heads "
+        "compared on one method and budget (p_Holm). An interval that contains 0 shows no "
         "difference at this number of seeds.",
         "",
         "Shared by every run:",

@@ -6,7 +6,6 @@ import inspect
 import json
 import math
 import re
-import sys
 import tarfile
 from pathlib import Path
 
@@ -16,10 +15,11 @@ from solo_fixtures import HOST_PROBLEM, method_cfg, requires_host
 
 from solo_deepfusion import bench_report
 from solo_deepfusion.bench_report import (
-    T_975,
     confidence_interval,
+    holm_adjust,
     load_results,
     paired_differences,
+    paired_p_value,
     render_markdown,
     t_quantile,
 )
@@ -81,22 +81,26 @@ def three_seeds(tmp_path: Path) -> Path:
     return write_jsonl(tmp_path / "results.jsonl", [*records, failed], tail='{"cell_id": "torn')
 
 
-def test_t_table_matches_scipy():
-    stats = pytest.importorskip("scipy.stats")
-    for df, value in T_975.items():
-        assert value == pytest.approx(float(stats.t.ppf(0.975, df)), abs=2e-6)
+def test_t_quantile_of_known_values():
+    assert t_quantile(2) == pytest.approx(4.302653, abs=1e-6)
+    assert t_quantile(5) == pytest.approx(2.570582, abs=1e-6)
+    with pytest.raises(ValueError, match="degrees of freedom"):
+        t_quantile(0)
 
 
-def test_t_table_without_scipy_rounds_df_down(monkeypatch):
-    monkeypatch.setitem(sys.modules, "scipy.stats", None)  # `from scipy.stats import t` fails
-    assert t_quantile(2) == (T_975[2], "table")
-    assert t_quantile(35) == (T_975[30], "table")  # wider than t(35): conservative
-    assert t_quantile(10_000) == (T_975[120], "table")
+def test_paired_p_value_and_holm_adjustment():
+    # Δ = 1, 2, 3: t = 2 / (1 / √3) = 3.464 on 2 df, two-sided p = 0.0742
+    assert paired_p_value([1.0, 2.0, 3.0]) == pytest.approx(0.07418, abs=1e-4)
+    assert paired_p_value([1.0]) is None and paired_p_value([2.0, 2.0]) is None
+    # Holm: sorted p × (m, m-1, ...), made monotone, capped at 1, in the input order.
+    assert holm_adjust([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm_adjust([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+    assert holm_adjust([]) == []
 
 
 def test_confidence_interval_of_known_values():
     mean, low, high = confidence_interval([1.0, 2.0, 3.0])
-    half = t_quantile(2)[0] / math.sqrt(3)  # sd = 1
+    half = t_quantile(2) / math.sqrt(3)  # sd = 1
     assert (mean, low, high) == pytest.approx((2.0, 2.0 - half, 2.0 + half))
     assert half == pytest.approx(2.484138, abs=1e-5)
     assert confidence_interval([5.0]) is None
@@ -126,7 +130,7 @@ def test_report_means_and_paired_confidence_interval(three_seeds):
     tf_row = next(line for line in text.splitlines() if "`transformer:preset=small` | 3 |" in line)
     assert "54.0 ± 3.0" in tf_row and "2.500 ± 1.000" in tf_row  # fusion ratio: not in %
     assert "11.0 s" in tf_row  # time per epoch, mean over seeds
-    assert "+2.0 [−0.5, +4.5] (n=3)" in text  # 2 ± 4.303 / √3
+    assert "+2.0 [−0.5, +4.5] (n=3, p_Holm=0.074)" in text  # 2 ± 4.303 / √3; one arm: raw p
     assert "Δ fusion ratio" not in text
     assert "failed cells (not in the tables): 1" in text and "RuntimeError: boom" in text
     assert "sample indices seen): 3 paired runs compared, all identical" in text
@@ -259,12 +263,12 @@ def test_cell_id_is_a_stable_hash_of_the_config(bench, study):
         return bench.Cell(study, "simclr", spec(bench, projector), seed, ablation)
 
     # Fixed by sha256 of the canonical JSON key: the same in every process and Python version.
-    assert cell().cell_id == "700e6f3ae974ad82"
+    assert cell().cell_id == "7f1f60d02c5e985c"
     assert cell(projector="transformer:depth=2,preset=small").cell_id == cell().cell_id
     others = {cell(seed=1), cell(projector="transformer:preset=small"), cell(temperature=0.2)}
     assert cell().cell_id not in {c.cell_id for c in others}
     study.epochs = 7  # the budget is part of the id
-    assert cell().cell_id != "700e6f3ae974ad82"
+    assert cell().cell_id != "7f1f60d02c5e985c"
 
 
 @requires_host
@@ -521,13 +525,15 @@ def test_one_real_cell_through_the_launcher(bench, cifar_tiny, tmp_path, capsys)
     assert rec["status"] == "ok" and rec["projector"] == "transformer:preset=small"
     assert rec["isolation"] == "subprocess"
     metrics, cost, run = rec["metrics"], rec["cost"], rec["run"]
-    for name in ("online_linear_acc1", "offline_linear_acc1", "knn_k5_acc1", "uacc_b8_head",
-                 "uacc_b16_head", "uacc_train_bs_head", "backbone_1nn_acc"):  # fmt: skip
+    for name in ("online_linear_acc1", "offline_linear_acc1", "feature_linear_acc1",
+                 "knn_k5_acc1", "uacc_b8_head", "uacc_b16_head", "uacc_train_bs_head",
+                 "backbone_1nn_acc"):  # fmt: skip
         assert 0.0 <= metrics[name] <= 1.0, name
     assert metrics["fusion_ratio_last"] > 0 and len(run["fusion_ratio_layers"]) == 4
     assert (cost["head_tokens"], cost["head_context"], cost["steps"]) == (16, "joint", 2)
     assert cost["head_params"] > 0 and cost["head_flops"] > 0
     assert cost["time_per_epoch_s"] > 0 and cost["peak_rss_bytes"] > 2**20
+    assert run["feature_probe_weight_decay"] > 0  # the L2 strength chosen on held-out features
     assert run["online_linear_epoch"] == 0 and len(run["data_order_sha256"]) == 64
     assert len(run["backbone_init_sha256"]) == 64
     assert run["resolved"]["method"] == "simclr_transformer"

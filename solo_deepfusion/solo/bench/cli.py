@@ -148,6 +148,13 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--eval-max-images", type=int, help="validation images for it (class-balanced)")
     e.add_argument("--fusion-samples", type=int, default=FUSION_SAMPLES)
     e.add_argument(
+        "--feature-probe",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="linear probe on cached backbone features of the training and validation splits "
+        "(L-BFGS to convergence, seconds)",
+    )
+    e.add_argument(
         "--device", default="auto", choices=("auto", "cpu", "cuda"), help="evaluation device"
     )
     e.add_argument("--eval-workers", type=int, default=2)
@@ -234,6 +241,7 @@ def build_study(args: argparse.Namespace) -> tuple[Study, list[Cell], DictConfig
         eval_batch_sizes=tuple(args.eval_batch_sizes),
         eval_max_images=args.eval_max_images,
         fusion_samples=args.fusion_samples,
+        feature_probe=args.feature_probe,
     )
     if not study.recipe_file.is_file():
         raise UsageError(f"recipe {study.recipe_file} not found")

@@ -17,6 +17,7 @@ from torchvision.datasets import ImageFolder
 
 from solo_deepfusion.fusion import leave_one_out_1nn_accuracy, summarize
 from solo_deepfusion.heads import TransformerProjector, count_parameters
+from solo_deepfusion.linear_probe import linear_probe
 from solo_deepfusion.solo import base_method
 from solo_deepfusion.solo.analysis import _LOADER_BATCH, _features, eval_transform
 from solo_deepfusion.solo.bench.jobs import Job
@@ -144,8 +145,22 @@ def fusion_numbers(model: nn.Module, dataset: Dataset, samples: int) -> dict[str
     }
 
 
+def feature_probe_accuracy(
+    model: nn.Module, train: ImageFolder, val: ImageFolder, workers: int
+) -> dict[str, Any]:
+    """Top-1 of a linear probe on the backbone's features of every training and validation
+    image (evaluation transform, no augmentation), fitted to convergence."""
+    feats = [
+        _features(model, dataset, torch.arange(len(dataset)), _LOADER_BATCH, workers).cpu()
+        for dataset in (train, val)
+    ]
+    labels = [torch.as_tensor(dataset.targets) for dataset in (train, val)]
+    result = linear_probe(feats[0], labels[0], feats[1], labels[1])
+    return {"acc1": result.accuracy, "weight_decay": result.weight_decay}
+
+
 def evaluate_in_memory(model: nn.Module, cfg: DictConfig, job: Job) -> dict[str, Any]:
-    """Unsupervised accuracies and fusion ratio of the trained model on the validation split."""
+    """Unsupervised accuracies, the feature probe and the fusion ratio of the trained model."""
     if job.val_path is None:
         return {}
     settings = job.eval
@@ -159,6 +174,7 @@ def evaluate_in_memory(model: nn.Module, cfg: DictConfig, job: Job) -> dict[str,
     else:
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(MONITOR_SEED))
     head = model.get_submodule(head_path(model))
+    probe = None
     with evaluating(model), local_attention(head):
         feats = _features(model, dataset, order, _LOADER_BATCH, settings["workers"])
         labels = targets[order].to(feats.device)
@@ -166,7 +182,16 @@ def evaluate_in_memory(model: nn.Module, cfg: DictConfig, job: Job) -> dict[str,
             model, feats, labels, settings["eval_batch_sizes"], cfg.optimizer.batch_size
         )
         fusion = fusion_numbers(model, dataset, settings["fusion_samples"])
-    return {"metrics": metrics, "fusion": fusion, "eval_images": int(order.numel())}
+        if settings.get("feature_probe") and job.train_path is not None:
+            train = ImageFolder(job.train_path, transform=transform)
+            probe = feature_probe_accuracy(model, train, dataset, settings["workers"])
+            metrics["feature_linear_acc1"] = probe["acc1"]
+    return {
+        "metrics": metrics,
+        "fusion": fusion,
+        "eval_images": int(order.numel()),
+        "feature_probe_weight_decay": probe["weight_decay"] if probe else None,
+    }
 
 
 def _with_run(argv: list[str], run: Path) -> list[str]:

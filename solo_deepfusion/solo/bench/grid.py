@@ -125,6 +125,7 @@ class Study:
     eval_batch_sizes: tuple[int, ...] = EVAL_BATCH_SIZES
     eval_max_images: int | None = None
     fusion_samples: int = FUSION_SAMPLES
+    feature_probe: bool = True
 
     @property
     def recipe_file(self) -> Path:
@@ -163,6 +164,7 @@ class Study:
             "eval_batch_sizes": list(self.eval_batch_sizes),
             "eval_max_images": self.eval_max_images,
             "fusion_samples": self.fusion_samples,
+            "feature_probe": self.feature_probe,
         }
 
 

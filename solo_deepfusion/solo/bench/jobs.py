@@ -25,6 +25,7 @@ class Job:
     knn_argv: list[str] | None
     val_path: str | None
     eval: dict[str, Any]
+    train_path: str | None = None
     keep_checkpoints: bool = False
 
     def to_json(self) -> dict[str, Any]:
@@ -124,6 +125,7 @@ def make_job(
         linear_argv=linear_argv(cell.study, cell.seed, data, run_dir / "linear"),
         knn_argv=knn_argv(cell.study, data, device, eval_workers),
         val_path=str(data.val) if data is not None else default_val,
+        train_path=str(data.train) if data is not None else None,
         eval={**cell.study.evaluation(), "device": device, "workers": eval_workers},
         keep_checkpoints=keep_checkpoints,
     )

@@ -119,6 +119,7 @@ def execute_job(job: Job) -> dict[str, Any]:
                 "fusion_ratio_layers": fusion.get("fusion_ratio_layers"),
                 "fusion_samples": fusion.get("fusion_samples"),
                 "eval_images": memory.get("eval_images"),
+                "feature_probe_weight_decay": memory.get("feature_probe_weight_decay"),
                 "val_path": job.val_path,
             },
             "env": environment(),
