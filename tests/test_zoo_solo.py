@@ -27,6 +27,7 @@ from torch import nn
 
 from solo_deepfusion import hub
 from solo_deepfusion.hub import cli
+from solo_deepfusion.hub.backbones import build_resnet
 from solo_deepfusion.hub.publish import file_record
 from solo_deepfusion.solo import register
 from solo_deepfusion.solo.model import build_model
@@ -128,6 +129,27 @@ def test_load_backbone_gives_the_trained_features(run, zoo):
         expected, got = model.backbone(images()), backbone(images())
     assert got.shape == (6, model.features_dim) and got.dtype == torch.float32
     torch.testing.assert_close(got, expected, **HALF_TOL)
+
+
+@pytest.mark.parametrize(
+    ("stem", "dataset", "built"),
+    [
+        ("auto", "cifar10", "cifar"),
+        ("auto", "imagenet", "imagenet"),
+        ("imagenet", "cifar10", "imagenet"),
+        ("cifar", "custom", "cifar"),
+    ],
+)
+def test_plain_pytorch_resnet_is_solo_learns(stem, dataset, built):
+    """The host-free builder makes the module solo-learn makes: same modules, same shapes."""
+    cfg = method_cfg("simclr")
+    cfg.backbone.stem, cfg.data.dataset = stem, dataset
+    solo_backbone = build_model(cfg).backbone
+    plain = build_resnet("resnet18", built)
+    assert str(plain) == str(solo_backbone)
+    assert {k: v.shape for k, v in plain.state_dict().items()} == {
+        k: v.shape for k, v in solo_backbone.state_dict().items()
+    }
 
 
 def test_load_model_strict_and_projector_matches(run, zoo):

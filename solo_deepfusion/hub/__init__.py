@@ -11,9 +11,9 @@
 >>> model = hub.load_model(entry.name)                    # the whole solo-learn model
 >>> folder = hub.export_solo(entry.name, "solo_ckpts")    # for solo-learn's main_linear/main_knn
 
-Importing this package does not import torch (the weight helpers load it on first use), nor
-solo-learn, lightning or hydra (``load_backbone``, ``load_model`` and ``export_solo`` come from
-:mod:`solo_deepfusion.solo.zoo` on first use and need solo-learn).
+Importing this package does not import torch (the weight helpers and ``load_backbone`` load it
+on first use). ``load_backbone`` needs torch and torchvision only; ``load_model`` and
+``export_solo`` come from :mod:`solo_deepfusion.solo.zoo` on first use and need solo-learn.
 """
 
 from __future__ import annotations
@@ -36,17 +36,18 @@ from .manifest import (
 from .verify import VerifyResult, verify
 
 if TYPE_CHECKING:
-    from solo_deepfusion.solo.zoo import export_solo, load_backbone, load_model
+    from solo_deepfusion.solo.zoo import export_solo, load_model
 
+    from .backbones import load_backbone
     from .weights import load_backbone_state, load_state_dict, read_metadata, save_state_dict
 
-# name -> module that defines it, imported on first use (torch; solo-learn for the last three)
+# name -> module that defines it, imported on first use (torch; solo-learn for the last two)
 _LAZY = {
     "load_backbone_state": "solo_deepfusion.hub.weights",
     "load_state_dict": "solo_deepfusion.hub.weights",
     "read_metadata": "solo_deepfusion.hub.weights",
     "save_state_dict": "solo_deepfusion.hub.weights",
-    "load_backbone": "solo_deepfusion.solo.zoo",
+    "load_backbone": "solo_deepfusion.hub.backbones",
     "load_model": "solo_deepfusion.solo.zoo",
     "export_solo": "solo_deepfusion.solo.zoo",
 }

@@ -10,20 +10,11 @@ from solo.methods import METHODS
 from solo.methods.base import BaseMethod
 from solo.utils.misc import omegaconf_select
 from solo.utils.momentum import initialize_momentum_params
-from torch import nn
 
 from solo_deepfusion.heads.transformer import check_choice
+from solo_deepfusion.hub.backbones import RESNET_STEMS, set_resnet_stem
 
-STEMS = ("auto", "imagenet", "cifar")
-
-
-def _set_stem(resnet: nn.Module, stem: str) -> None:
-    if stem == "cifar":  # solo-learn's CIFAR stem (solo/methods/base.py)
-        resnet.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=2, bias=False)
-        resnet.maxpool = nn.Identity()
-    else:  # torchvision's ImageNet stem: ~8x fewer activations at 32 px (the authors' setting)
-        resnet.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        resnet.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+STEMS = ("auto", *RESNET_STEMS)
 
 
 def apply_stem(model: BaseMethod, stem: str, seed: int = 0) -> None:
@@ -40,9 +31,9 @@ def apply_stem(model: BaseMethod, stem: str, seed: int = 0) -> None:
     # otherwise start from different stems.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        _set_stem(model.backbone, stem)
+        set_resnet_stem(model.backbone, stem)
     if hasattr(model, "momentum_backbone"):
-        _set_stem(model.momentum_backbone, stem)
+        set_resnet_stem(model.momentum_backbone, stem)
         initialize_momentum_params(model.backbone, model.momentum_backbone)
 
 

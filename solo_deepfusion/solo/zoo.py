@@ -3,7 +3,6 @@
 >>> files = export_checkpoint("trained_models/simclr_transformer/abcd1234/x-ep=4.ckpt",
 ...                           "trained_models/simclr_transformer/abcd1234/args.json",
 ...                           "zoo/files/my-entry", name="my-entry")
->>> backbone = load_backbone("simclr-deepfusion-r18-cifar10-cpu")   # images -> pooled features
 >>> model = load_model("simclr-deepfusion-r18-cifar10-cpu")          # the whole BaseMethod
 >>> folder = export_solo("simclr-deepfusion-r18-cifar10-cpu", "solo_ckpts")
 >>> # python main_knn.py --pretrained_checkpoint_dir solo_ckpts/simclr_transformer ...
@@ -42,7 +41,6 @@ __all__ = [
     "export_checkpoint",
     "export_solo",
     "head_module",
-    "load_backbone",
     "load_model",
     "param_counts",
     "solo_args",
@@ -133,27 +131,6 @@ def _entry(name: str | ZooEntry, manifest: PathLike | None) -> ZooEntry:
 def _cfg(entry: ZooEntry, **download_kwargs: Any) -> DictConfig:
     path = download(entry, role="args", **download_kwargs)
     return OmegaConf.create(json.loads(path.read_text(encoding="utf-8")))
-
-
-def load_backbone(
-    name: str | ZooEntry,
-    *,
-    cache_dir: PathLike | None = None,
-    offline: bool | None = None,
-    manifest: PathLike | None = None,
-    progress: bool = True,
-) -> nn.Module:
-    """The entry's backbone, built as its training cfg did, weights loaded strictly, in eval mode.
-
-    It maps images ``(B, 3, H, W)`` to pooled features ``(B, F)``; float32 whatever the file's
-    precision. Files come verified from the cache (see :func:`solo_deepfusion.hub.download`).
-    """
-    entry = _entry(name, manifest)
-    kwargs = {"cache_dir": cache_dir, "offline": offline, "progress": progress}
-    backbone = build_model(_cfg(entry, **kwargs)).backbone
-    state = upcast(load_state_dict(download(entry, role="backbone", **kwargs)))
-    backbone.load_state_dict(state, strict=True)
-    return backbone.eval()
 
 
 def load_model(
