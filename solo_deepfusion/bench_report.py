@@ -54,7 +54,11 @@ METRIC_NAMES = {
     "uacc_train_bs_head": "unsup. acc (train B)",
     "backbone_1nn_acc": "backbone 1-NN",
     "fusion_ratio_last": "fusion ratio (last)",
+    "collapse_min_entropy": "min attn entropy (nats)",
+    "collapse_output_cosine": "output cosine",
 }
+# Metrics that are not accuracies (shown as they are, not as percentages).
+DIAGNOSTICS = frozenset({"fusion_ratio_last", "collapse_min_entropy", "collapse_output_cosine"})
 PLOT_PREFERENCE = (
     "feature_linear_acc1",
     "offline_linear_acc1",
@@ -368,7 +372,7 @@ def _holm_families(pairs: list[Pair], metrics: Sequence[str]) -> None:
 
 
 def _is_accuracy(name: str) -> bool:
-    return name != "fusion_ratio_last"
+    return name not in DIAGNOSTICS
 
 
 def metric_title(name: str) -> str:

@@ -520,6 +520,7 @@ def test_one_real_cell_through_the_launcher(bench, cifar_tiny, tmp_path, capsys)
     mlp, rec = (json.loads(line) for line in results.read_text().splitlines())
     assert mlp["projector"] == "mlp" and mlp["cost"]["head_context"] == "view"
     assert "fusion_ratio_last" not in mlp["metrics"]
+    assert "collapse_min_entropy" not in mlp["metrics"] and mlp["run"]["collapse"] is None
     # the same images in the same order, whatever the head's initialisation drew
     assert mlp["run"]["data_order_sha256"] == rec["run"]["data_order_sha256"]
     assert rec["status"] == "ok" and rec["projector"] == "transformer:preset=small"
@@ -530,6 +531,10 @@ def test_one_real_cell_through_the_launcher(bench, cifar_tiny, tmp_path, capsys)
                  "backbone_1nn_acc"):  # fmt: skip
         assert 0.0 <= metrics[name] <= 1.0, name
     assert metrics["fusion_ratio_last"] > 0 and len(run["fusion_ratio_layers"]) == 4
+    # collapse diagnostics of the last training step (1 of 0..1), on by default
+    assert run["collapse"]["step"] == 1 and len(run["collapse"]["entropy"]) == 4
+    assert metrics["collapse_min_entropy"] == min(run["collapse"]["entropy"]) > 0
+    assert -1 <= metrics["collapse_output_cosine"] == run["collapse"]["output_cosine"] <= 1
     assert (cost["head_tokens"], cost["head_context"], cost["steps"]) == (16, "joint", 2)
     assert cost["head_params"] > 0 and cost["head_flops"] > 0
     assert cost["time_per_epoch_s"] > 0 and cost["peak_rss_bytes"] > 2**20

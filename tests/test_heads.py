@@ -46,6 +46,10 @@ def reference_forward(head: TransformerProjector, x: torch.Tensor, num_views: in
         allowed = sample[:, None] != sample[None, :]
     maps = []
     h = head.in_proj(x)
+    if isinstance(head.input_norm, nn.LayerNorm):
+        h = nn.functional.layer_norm(
+            h, (h.shape[-1],), head.input_norm.weight, head.input_norm.bias, head.input_norm.eps
+        )
     for block in head.blocks:
         attn = block.attn
         inp = block.norm1(h) if block.pre_norm else h
@@ -54,6 +58,14 @@ def reference_forward(head: TransformerProjector, x: torch.Tensor, num_views: in
         outs, layer_maps = [], []
         for i in range(attn.heads):
             qi, ki, vi = (t[:, i * hd : (i + 1) * hd] for t in (q, k, v))
+            if isinstance(attn.q_norm, nn.LayerNorm):  # per-head LayerNorm, written out
+                qi, ki = (
+                    (t - t.mean(1, keepdim=True))
+                    / torch.sqrt(t.var(1, unbiased=False, keepdim=True) + ln.eps)
+                    * ln.weight
+                    + ln.bias
+                    for t, ln in ((qi, attn.q_norm), (ki, attn.k_norm))
+                )
             scores = (qi @ ki.T) / math.sqrt(hd)
             scores = scores.masked_fill(~allowed, float("-inf"))
             weights = torch.exp(scores - scores.max(dim=1, keepdim=True).values)
@@ -149,12 +161,28 @@ def test_masked_entries_get_exactly_zero_and_rows_sum_to_one(mask, num_views):
             assert torch.all(layer > 0)
 
 
+def randomize_norms(head: nn.Module) -> nn.Module:
+    """Non-trivial LayerNorm affines, so the reference also checks where each one applies."""
+    g = torch.Generator().manual_seed(3)
+    for module in head.modules():
+        if isinstance(module, nn.LayerNorm):
+            module.weight.data = 1 + 0.5 * torch.randn(module.weight.shape, generator=g)
+            module.bias.data = 0.5 * torch.randn(module.bias.shape, generator=g)
+    return head
+
+
 @pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("norm", ["post", "pre"])
-def test_matches_naive_float64_reference(mask, norm):
-    head = tiny_head(mask=mask, norm=norm).eval()
-    x = torch.randn(12, 24)
-    expected, expected_maps = reference_forward(tiny_head(mask=mask, norm=norm).eval(), x, 2)
+@pytest.mark.parametrize(
+    "stability",
+    [{}, {"input_norm": True}, {"qk_norm": True}, {"input_norm": True, "qk_norm": True}],
+)
+def test_matches_naive_float64_reference(mask, norm, stability):
+    fields = {"mask": mask, "norm": norm, **stability}
+    head = randomize_norms(tiny_head(**fields)).eval()
+    x = 3 * torch.randn(12, 24)
+    reference = randomize_norms(tiny_head(**fields)).eval()
+    expected, expected_maps = reference_forward(reference, x, 2)
     fused = head(x, num_views=2)
     explicit, maps = head(x, num_views=2, return_attention=True)
     for out in (fused, explicit):
@@ -172,8 +200,10 @@ def test_attention_maps_do_not_change_the_output():
 
 @pytest.mark.parametrize("norm", ["post", "pre"])
 @pytest.mark.parametrize("mask", MASKS)
-def test_every_parameter_receives_a_gradient(norm, mask):
-    head = tiny_head(norm=norm, mask=mask, tail=nn.BatchNorm1d(16))
+@pytest.mark.parametrize("stability", [False, True])
+def test_every_parameter_receives_a_gradient(norm, mask, stability):
+    flags = {"input_norm": stability, "qk_norm": stability}
+    head = tiny_head(norm=norm, mask=mask, tail=nn.BatchNorm1d(16), **flags)
     head(torch.randn(8, 24), num_views=2).square().sum().backward()
     missing = [n for n, p in head.named_parameters() if p.grad is None or not p.grad.any()]
     assert missing == []
@@ -250,6 +280,8 @@ def test_forward_flops_count_attention_quadratically():
         ({"norm": "sandwich"}, r"norm='sandwich'.*\['post', 'pre'\]"),
         ({"activation": "tanh"}, r"activation='tanh'"),
         ({"dropout": 1.5}, r"dropout must be in \[0, 1\)"),
+        ({"qk_norm": "yes"}, r"qk_norm='yes'.*\[False, True\]"),
+        ({"input_norm": 1}, r"input_norm=1.*\[False, True\]"),
     ],
 )
 def test_bad_configuration_names_the_field(kwargs, message):

@@ -25,12 +25,15 @@ from solo.utils.checkpointer import Checkpointer
 from torch import nn
 
 from solo_deepfusion.fusion import fusion_stats, leave_one_out_1nn_accuracy
+from solo_deepfusion.heads.diagnostics import collapse_stats
 from solo_deepfusion.solo.analysis import analyse_checkpoint, main, unsupervised_accuracy
 from solo_deepfusion.solo.model import build_model
 from solo_deepfusion.solo.monitor import (
     FUSION_LOG,
+    CollapseMonitor,
     FusionMonitor,
     balanced_indices,
+    collapse_monitor_from_cfg,
     evaluating,
     fusion_head,
     fusion_monitor_from_cfg,
@@ -398,3 +401,83 @@ def test_cli_writes_per_head_heatmaps_and_prints_tables(
     assert png_size(out / "heatmaps.png")[0] > png_size(analysis[1] / "heatmaps.png")[0]
     assert main(["--checkpoint", str(tmp_path / "missing"), "--data", str(image_folder)]) == 2
     assert "no such checkpoint" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# The collapse monitor
+
+
+class HeadInputs(pl.Callback):
+    """The online head's training inputs of every step, and the state before the step."""
+
+    def __init__(self) -> None:
+        self.inputs: list[tuple[torch.Tensor, int]] = []
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        def keep(module, args, kwargs) -> None:
+            if module.training:
+                self.inputs.append((args[0].detach().clone(), kwargs.get("num_views", 1)))
+
+        fusion_head(pl_module).register_forward_pre_hook(keep, with_kwargs=True)
+
+
+def fit_with_collapse_monitor(every: int, collapse: bool, tmp_path: Path):
+    torch.manual_seed(0)
+    cfg = method_cfg("simclr_transformer", **SMALL)
+    cfg.backbone = TINY_VIT
+    cfg.optimizer.lr = 0.0  # the head stays as built, so its stats can be recomputed after
+    model = build_model(cfg)
+    if collapse:  # every output the same vector
+        out = fusion_head(model).out_proj
+        nn.init.zeros_(out.weight)
+        nn.init.ones_(out.bias)
+    inputs, monitor = HeadInputs(), CollapseMonitor(every)
+    logger = CSVLogger(save_dir=tmp_path, name="run", version="v0")
+    trainer = pl.Trainer(
+        max_steps=3,
+        accelerator="cpu",
+        devices=1,
+        logger=logger,
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[inputs, monitor],
+    )
+    loader = torch.utils.data.DataLoader(TinyCrops(24), batch_size=8, drop_last=True)
+    trainer.fit(model, loader)
+    return model, monitor, inputs, Path(logger.log_dir) / "metrics.csv"
+
+
+def test_collapse_monitor_measures_the_heads_own_input_every_n_steps(tmp_path):
+    model, monitor, inputs, metrics = fit_with_collapse_monitor(3, False, tmp_path)
+    assert monitor.last_step == 2 and len(inputs.inputs) == 3  # step 0, then the last
+    feats, views = inputs.inputs[2]
+    assert views == 2 and feats.shape[0] == 16  # both views of the batch, one joint call
+    head = fusion_head(model).eval()
+    assert monitor.last == collapse_stats(head, feats, num_views=2)
+    rows = list(csv.DictReader(metrics.open()))
+    logged = [r["step"] for r in rows if r.get("collapse/layer2/logit_std")]
+    assert logged == ["0", "2"]
+    assert not monitor.warned and monitor.last.warning() is None
+
+
+def test_collapse_monitor_warns_once_when_outputs_collapse(tmp_path):
+    with pytest.warns(UserWarning, match=r"step 0: the Deep Fusion head is collapsing") as seen:
+        _, monitor, _, _ = fit_with_collapse_monitor(1, True, tmp_path)
+    assert monitor.warned and monitor.last.output_cosine == pytest.approx(1.0)
+    assert sum("collapsing" in str(w.message) for w in seen) == 1
+
+
+def test_collapse_monitor_is_on_by_default_for_the_transformer_head():
+    on = collapse_monitor_from_cfg(method_cfg("simclr_transformer", **SMALL))
+    assert isinstance(on, CollapseMonitor) and on.every_n_steps == 50
+    twin = {"name": "mlp_matched", "preset": "small"}
+    assert collapse_monitor_from_cfg(method_cfg("simclr_mlp_matched", **twin)) is None
+    off = method_cfg("simclr_transformer", **SMALL, collapse_monitor_every=0)
+    assert collapse_monitor_from_cfg(off) is None
+    for bad in (-1, "often", True):
+        cfg = method_cfg("simclr_transformer", **SMALL, collapse_monitor_every=bad)
+        with pytest.raises(ValueError, match=r"projector.collapse_monitor_every must be an"):
+            collapse_monitor_from_cfg(cfg)

@@ -42,6 +42,8 @@ class TransformerHeadConfig:
     heads: int = 16
     ffn_dim: int = 1024
     norm: str = "post"
+    input_norm: bool = False
+    qk_norm: bool = False
     activation: str = "gelu"
     dropout: float = 0.0
     context: str = "joint"

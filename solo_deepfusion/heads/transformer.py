@@ -33,6 +33,12 @@ def check_choice(field: str, value: object, allowed: tuple[str, ...] | list[str]
         raise ValueError(f"{field}={value!r} is not supported; choose one of {sorted(allowed)}")
 
 
+def check_flag(field: str, value: object) -> None:
+    """Raise a ``ValueError`` naming ``field`` unless ``value`` is a ``bool``."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{field}={value!r} is not supported; choose one of [False, True]")
+
+
 @functools.lru_cache(maxsize=16)
 def attention_mask(
     mask: str,
@@ -64,34 +70,51 @@ class BatchSelfAttention(nn.Module):
     """Multi-head softmax self-attention across the rows (samples) of a ``(T, dim)`` input.
 
     Queries are this rank's tokens; keys and values are gathered from every rank when
-    ``gather_distributed`` is set, so the context is the global batch.
+    ``gather_distributed`` is set, so the context is the global batch. ``qk_norm`` applies a
+    LayerNorm to each head's queries and keys, which bounds the attention logits however large
+    the input grows.
     """
 
-    def __init__(self, dim: int, heads: int, dropout: float, gather_distributed: bool) -> None:
+    def __init__(
+        self, dim: int, heads: int, dropout: float, gather_distributed: bool, qk_norm: bool
+    ) -> None:
         super().__init__()
         self.heads = heads
         self.dropout = dropout
         self.gather_distributed = gather_distributed
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
+        self.q_norm = nn.LayerNorm(dim // heads) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(dim // heads) if qk_norm else nn.Identity()
         nn.init.xavier_uniform_(self.qkv.weight)
         nn.init.zeros_(self.qkv.bias)
+
+    @staticmethod
+    def _scores(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+        return scores if allowed is None else scores.masked_fill(~allowed, float("-inf"))
+
+    def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(heads, T, head_dim)`` queries (this rank's) and keys and values (all ranks')."""
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        if self.gather_distributed:
+            k, v = gather_tokens(torch.cat([k, v], dim=-1)).chunk(2, dim=-1)
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(0, 1) for t in (q, k, v))
+        return self.q_norm(q), self.k_norm(k), v
+
+    def logits(self, x: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+        """The ``(heads, T, S)`` attention scores before the softmax (``-inf`` where masked)."""
+        q, k, _ = self._heads(x)
+        return self._scores(q, k, allowed)
 
     def forward(
         self, x: torch.Tensor, allowed: torch.Tensor | None, need_weights: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        q, k, v = self.qkv(x).chunk(3, dim=-1)
-        if self.gather_distributed:
-            k, v = gather_tokens(torch.cat([k, v], dim=-1)).chunk(2, dim=-1)
-        # (T, dim) -> (heads, T, head_dim)
-        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(0, 1) for t in (q, k, v))
+        q, k, v = self._heads(x)
         dropout = self.dropout if self.training else 0.0
         weights = None
         if need_weights:
-            scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
-            if allowed is not None:
-                scores = scores.masked_fill(~allowed, float("-inf"))
-            weights = scores.softmax(dim=-1)
+            weights = self._scores(q, k, allowed).softmax(dim=-1)
             out = F.dropout(weights, dropout, self.training) @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)
@@ -120,23 +143,27 @@ class FusionBlock(nn.Module):
         activation: str,
         dropout: float,
         gather_distributed: bool,
+        qk_norm: bool,
     ) -> None:
         super().__init__()
         self.pre_norm = norm == "pre"
-        self.attn = BatchSelfAttention(dim, heads, dropout, gather_distributed)
+        self.attn = BatchSelfAttention(dim, heads, dropout, gather_distributed, qk_norm)
         self.ffn = FeedForward(dim, ffn_dim, activation, dropout)
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.drop = nn.Dropout(dropout)
 
+    def attention_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the attention sees: the residual stream, LayerNormed first when ``pre``."""
+        return self.norm1(x) if self.pre_norm else x
+
     def forward(
         self, x: torch.Tensor, allowed: torch.Tensor | None, need_weights: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attended, weights = self.attn(self.attention_input(x), allowed, need_weights)
         if self.pre_norm:
-            attended, weights = self.attn(self.norm1(x), allowed, need_weights)
             x = x + self.drop(attended)
             return x + self.drop(self.ffn(self.norm2(x))), weights
-        attended, weights = self.attn(x, allowed, need_weights)
         x = self.norm1(x + self.drop(attended))
         return self.norm2(x + self.drop(self.ffn(x))), weights
 
@@ -149,6 +176,9 @@ class TransformerProjector(nn.Module):
         out_dim: output size; keep the recipe's ``proj_output_dim``.
         dim, depth, heads, ffn_dim: width, number of blocks, attention heads, FFN hidden size.
         norm: ``"post"`` (the authors') or ``"pre"`` LayerNorm placement.
+        input_norm: a LayerNorm right after ``in_proj``, so the first block never sees the
+            backbone's scale (a post-norm head's first block attends over raw ``in_proj``).
+        qk_norm: a LayerNorm of every attention head's queries and keys (bounded logits).
         activation: FFN activation, one of ``ACTIVATIONS``.
         dropout: dropout on attention weights, residual branches and the FFN.
         context: which samples share a sequence, read by the host integration: ``"joint"``
@@ -170,6 +200,8 @@ class TransformerProjector(nn.Module):
         heads: int = 16,
         ffn_dim: int = 1024,
         norm: str = "post",
+        input_norm: bool = False,
+        qk_norm: bool = False,
         activation: str = "gelu",
         dropout: float = 0.0,
         context: str = "joint",
@@ -183,6 +215,8 @@ class TransformerProjector(nn.Module):
         check_choice("activation", activation, tuple(ACTIVATIONS))
         check_choice("context", context, CONTEXTS)
         check_choice("mask", mask, MASKS)
+        check_flag("input_norm", input_norm)
+        check_flag("qk_norm", qk_norm)
         for field, value in (("in_dim", in_dim), ("out_dim", out_dim), ("dim", dim)):
             if value < 1:
                 raise ValueError(f"{field} must be a positive integer, got {value}")
@@ -197,8 +231,9 @@ class TransformerProjector(nn.Module):
         self.gather_distributed = gather_distributed
         self.check_inputs = check_inputs
         self.in_proj = nn.Linear(in_dim, dim)
+        self.input_norm = nn.LayerNorm(dim) if input_norm else nn.Identity()
         self.blocks = nn.ModuleList(
-            FusionBlock(dim, heads, ffn_dim, norm, activation, dropout, gather_distributed)
+            FusionBlock(dim, heads, ffn_dim, norm, activation, dropout, gather_distributed, qk_norm)
             for _ in range(depth)
         )
         self.final_norm = nn.LayerNorm(dim) if norm == "pre" else nn.Identity()
@@ -230,7 +265,7 @@ class TransformerProjector(nn.Module):
             self._validate(x, num_views, world_size)
         allowed = attention_mask(self.mask, x.shape[0], num_views, rank, world_size, x.device)
         maps = []
-        h = self.in_proj(x)
+        h = self.input_norm(self.in_proj(x))
         for block in self.blocks:
             h, weights = block(h, allowed, return_attention)
             maps.append(weights)

@@ -48,7 +48,7 @@ from solo.utils.misc import make_contiguous, omegaconf_select
 from solo_deepfusion.solo import base_method, register, variant_name
 from solo_deepfusion.solo.data import pretrain_loader, pretrain_val_loader, unpack_data_paths
 from solo_deepfusion.solo.model import build_model
-from solo_deepfusion.solo.monitor import fusion_monitor_from_cfg
+from solo_deepfusion.solo.monitor import collapse_monitor_from_cfg, fusion_monitor_from_cfg
 
 PACKAGED_CONFIGS = "pkg://solo_deepfusion.configs"
 RECIPES_DIR = Path(str(importlib.resources.files("solo_deepfusion.configs") / "recipes"))
@@ -478,10 +478,13 @@ def run_pretrain(argv: Sequence[str], callbacks: Sequence[Callback] = ()) -> Tra
         data = {"train_dataloaders": pretrain_loader(cfg), "val_dataloaders": val_loader}
 
     try:
-        monitor = fusion_monitor_from_cfg(cfg, val_loader.dataset if val_loader else None)
+        monitors = [
+            fusion_monitor_from_cfg(cfg, val_loader.dataset if val_loader else None),
+            collapse_monitor_from_cfg(cfg),
+        ]
     except ValueError as err:
         raise UsageError(str(err)) from err
-    callbacks = [*callbacks, monitor] if monitor is not None else list(callbacks)
+    callbacks = [*callbacks, *(m for m in monitors if m is not None)]
 
     logdir = Path(cfg.checkpoint.dir) / cfg.method
     ckpt_path, wandb_run_id = resume_checkpoint(cfg, logdir)

@@ -37,13 +37,16 @@ from torch.utils.data import Dataset, Subset
 
 from solo_deepfusion.fusion import FusionStats, fusion_stats, scalar_metrics
 from solo_deepfusion.heads import TransformerProjector
+from solo_deepfusion.heads.diagnostics import CollapseStats, collapse_stats
 
 FUSION_LOG = "fusion.jsonl"
-# Keys of `cfg.projector` read by `fusion_monitor_from_cfg`, with their defaults.
+# Keys of `cfg.projector` read by `fusion_monitor_from_cfg` and `collapse_monitor_from_cfg`,
+# with their defaults.
 MONITOR_DEFAULTS: dict[str, Any] = {
     "fusion_monitor": False,
     "fusion_monitor_every": 1,
     "fusion_monitor_samples": 256,
+    "collapse_monitor_every": 50,
 }
 MONITOR_KEYS = tuple(MONITOR_DEFAULTS)
 MONITOR_SEED = 0  # the same batch for every run, whatever its training seed
@@ -52,10 +55,12 @@ __all__ = [
     "FUSION_LOG",
     "MONITOR_DEFAULTS",
     "MONITOR_KEYS",
+    "CollapseMonitor",
     "FusionMonitor",
     "append_jsonl",
     "backbone_features",
     "balanced_indices",
+    "collapse_monitor_from_cfg",
     "dataset_targets",
     "evaluating",
     "fusion_head",
@@ -301,6 +306,81 @@ class FusionMonitor(pl.Callback):
         return record
 
 
+class CollapseMonitor(pl.Callback):
+    """Collapse diagnostics of the transformer head on its own training input, every N steps.
+
+    On every ``every_n_steps``-th training step, and on the last, the head's input (the step's
+    backbone features, all views) is kept, and after the step the head is run once more on it,
+    without gradients and with dropout off, to measure
+    :func:`~solo_deepfusion.heads.diagnostics.collapse_stats`: ``collapse/layer<k>/entropy``,
+    ``collapse/layer<k>/logit_std`` and ``collapse/output_cosine`` go to the run's loggers,
+    and the first time a threshold is crossed one warning says which. Attention spans this
+    process's tokens (no all-gather).
+    """
+
+    def __init__(self, every_n_steps: int = 50) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+        self.last: CollapseStats | None = None
+        self.last_step: int | None = None
+        self.warned = False
+        self._armed = False
+        self._captured: tuple[torch.Tensor, int] | None = None
+        self._step = 0
+        self._hook: Any = None
+
+    def _capture(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self._armed and module.training:
+            self._captured = (args[0].detach(), kwargs.get("num_views", 1))
+            self._armed = False
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        head = fusion_head(pl_module)
+        self._hook = head.register_forward_hook(self._capture, with_kwargs=True)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._step = trainer.global_step  # the optimizer step this batch makes (0-based)
+        last = self._step == int(trainer.estimated_stepping_batches) - 1
+        self._armed = last or self._step % self.every_n_steps == 0
+        self._captured = None
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        self._armed = False
+        if self._captured is None:
+            return
+        feats, num_views = self._captured
+        self._captured = None
+        head = fusion_head(pl_module)
+        with evaluating(head), local_attention(head):
+            stats = collapse_stats(head, feats, num_views=num_views)
+        self.last, self.last_step = stats, self._step
+        if trainer.is_global_zero:  # straight to the loggers: self.log would repeat old values
+            for logger in trainer.loggers:
+                logger.log_metrics(stats.scalars(), step=self._step)
+        message = stats.warning()
+        if message and not self.warned:
+            self.warned = True
+            pl.utilities.rank_zero_warn(
+                f"step {self._step}: {message}. See the README's 'When the head "
+                "collapses' (projector.norm=pre, projector.qk_norm=true, projector.lr_scale)."
+            )
+
+
 # ---------------------------------------------------------------------------------------------
 # From a recipe
 
@@ -341,3 +421,20 @@ def fusion_monitor_from_cfg(
     indices = balanced_indices(dataset_targets(val_dataset), samples, seed=MONITOR_SEED)
     images, labels = load_samples(val_dataset, indices.tolist())
     return FusionMonitor(images, labels, every_n_epochs=every)
+
+
+def collapse_monitor_from_cfg(cfg: DictConfig) -> CollapseMonitor | None:
+    """The collapse monitor of a ``transformer`` head (on by default), else ``None``.
+
+    ``projector.collapse_monitor_every``: training steps between measurements (default 50;
+    0 turns it off).
+    """
+    if omegaconf_select(cfg, "projector.name", None) != "transformer":
+        return None
+    every = omegaconf_select(cfg, "projector.collapse_monitor_every", None)
+    every = MONITOR_DEFAULTS["collapse_monitor_every"] if every is None else every
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise ValueError(
+            f"projector.collapse_monitor_every must be an integer >= 0 (0: off), got {every!r}"
+        )
+    return CollapseMonitor(every) if every else None

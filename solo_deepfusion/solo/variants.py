@@ -28,6 +28,8 @@ from solo_deepfusion.solo.context import (
     JointContextMixin,
     MomentumJointContextMixin,
 )
+from solo_deepfusion.solo.monitor import MONITOR_KEYS
+from solo_deepfusion.solo.param_groups import HeadOptimizer, split_head_group
 
 # Every solo-learn method with a projection head (all but `mae` and `linear`).
 HEAD_METHODS = (
@@ -52,9 +54,10 @@ HEAD_METHODS = (
 )
 PROJECTORS = ("mlp", "transformer", "mlp_matched")
 HEAD_FIELDS = tuple(f.name for f in dataclasses.fields(TransformerHeadConfig))
-# Keys of `cfg.projector` that configure the variant, not the head itself.
-# (fusion_monitor*: read by solo_deepfusion.solo.monitor.fusion_monitor_from_cfg.)
-NON_HEAD_KEYS = ("small_crops", "fusion_monitor", "fusion_monitor_every", "fusion_monitor_samples")
+# Keys of `cfg.projector` that configure the variant, not the head itself: the monitors'
+# (solo_deepfusion.solo.monitor) and the head's optimizer group (solo_deepfusion.solo.param_groups).
+OPTIMIZER_KEYS = tuple(f.name for f in dataclasses.fields(HeadOptimizer))
+NON_HEAD_KEYS = ("small_crops", *MONITOR_KEYS, *OPTIMIZER_KEYS)
 PROJECTOR_KEYS = {
     "transformer": ("name", "preset", *NON_HEAD_KEYS, *HEAD_FIELDS),
     "mlp_matched": ("name", "preset", "num_layers", *NON_HEAD_KEYS, *HEAD_FIELDS),
@@ -158,7 +161,20 @@ class DeepFusionVariant:
     @classmethod
     def add_and_assert_specific_cfg(cls, cfg: DictConfig) -> DictConfig:
         cfg = METHODS[cls.BASE_METHOD].add_and_assert_specific_cfg(cfg)
-        return projector_config(cfg, cls.PROJECTOR)
+        cfg = projector_config(cfg, cls.PROJECTOR)
+        HeadOptimizer.from_cfg(cfg)  # fail at configuration time, not at fit
+        return cfg
+
+    @property
+    def learnable_params(self) -> list[dict[str, Any]]:
+        """The stock groups, with the head in a group of its own when ``projector`` asks."""
+        groups = super().learnable_params
+        options = HeadOptimizer.from_cfg(self.cfg)
+        if options.is_default:
+            return groups
+        return split_head_group(
+            groups, self.get_submodule(self.context_projector), options, self.lr
+        )
 
     def _replace(self, path: str, module: nn.Module) -> None:
         parent, _, name = path.rpartition(".")

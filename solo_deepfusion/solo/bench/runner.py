@@ -3,6 +3,7 @@ and the grid loop that runs the unfinished ones and appends their records."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -28,7 +29,7 @@ from solo_deepfusion.solo.bench.jobs import Job
 from solo_deepfusion.solo.bench.probe import BenchProbe
 from solo_deepfusion.solo.bench.records import SCHEMA, append_record, environment, finished_cells
 from solo_deepfusion.solo.launch import run_pretrain
-from solo_deepfusion.solo.monitor import json_safe
+from solo_deepfusion.solo.monitor import CollapseMonitor, json_safe
 
 # ---------------------------------------------------------------------------------------------
 # One cell: train, evaluate, record
@@ -95,6 +96,7 @@ def execute_job(job: Job) -> dict[str, Any]:
         **memory.get("metrics", {}),
         **{k: v for k, v in memory.get("fusion", {}).items() if k == "fusion_ratio_last"},
     }
+    trainer_callbacks = trainer.callbacks
     del model, trainer
     metrics.update(offline_metrics(job, run))
     cost["eval_seconds"] = time.monotonic() - began
@@ -102,6 +104,10 @@ def execute_job(job: Job) -> dict[str, Any]:
         for ckpt in run.glob("*.ckpt"):
             ckpt.unlink()
     fusion = memory.get("fusion", {})
+    collapse = next((c for c in trainer_callbacks if isinstance(c, CollapseMonitor)), None)
+    if collapse is not None and collapse.last is not None:
+        metrics["collapse_min_entropy"] = min(collapse.last.entropy, default=None)
+        metrics["collapse_output_cosine"] = collapse.last.output_cosine
     return json_safe(
         {
             "schema": SCHEMA,
@@ -120,6 +126,9 @@ def execute_job(job: Job) -> dict[str, Any]:
                 "fusion_samples": fusion.get("fusion_samples"),
                 "eval_images": memory.get("eval_images"),
                 "feature_probe_weight_decay": memory.get("feature_probe_weight_decay"),
+                "collapse": None
+                if collapse is None or collapse.last is None
+                else {"step": collapse.last_step, **dataclasses.asdict(collapse.last)},
                 "val_path": job.val_path,
             },
             "env": environment(),

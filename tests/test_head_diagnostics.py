@@ -1,0 +1,82 @@
+"""Collapse diagnostics of the transformer head (host-free): entropy, logit spread, cosine."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from solo_deepfusion.heads import TransformerProjector
+from solo_deepfusion.heads.diagnostics import MAX_OUTPUT_COSINE, MIN_ENTROPY, collapse_stats
+
+TINY = {"dim": 32, "depth": 2, "heads": 4, "ffn_dim": 64}
+
+
+def head(**kwargs) -> TransformerProjector:
+    torch.manual_seed(0)
+    return TransformerProjector(24, 16, **{**TINY, **kwargs}).eval()
+
+
+def features(tokens: int = 64, scale: float = 1.0) -> torch.Tensor:
+    return scale * torch.randn(tokens, 24, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize(("mask", "keys"), [("none", 12), ("self", 11), ("positives", 10)])
+def test_zero_logits_give_uniform_entropy_and_no_spread(mask, keys):
+    model = head(mask=mask, depth=1)
+    nn.init.zeros_(model.blocks[0].attn.qkv.weight)  # q = k = 0: every allowed key alike
+    stats = collapse_stats(model, features(12), num_views=2)
+    assert stats.entropy == (pytest.approx(math.log(keys), abs=1e-5),)
+    assert stats.logit_std == (pytest.approx(0.0, abs=1e-6),)
+
+
+def test_logit_std_matches_the_scores_written_out():
+    model = head(depth=1)
+    x = features(10)
+    q, k, _ = model.blocks[0].attn.qkv(model.in_proj(x)).double().chunk(3, dim=-1)
+    spreads = [
+        ((qh @ kh.T) / math.sqrt(8)).std(dim=1, unbiased=False).mean()
+        for qh, kh in zip(q.split(8, dim=1), k.split(8, dim=1), strict=True)
+    ]
+    stats = collapse_stats(model, x)
+    assert stats.logit_std[0] == pytest.approx(float(torch.stack(spreads).mean()), rel=1e-4)
+
+
+def test_saturated_first_layer_is_reported_and_qk_norm_prevents_it():
+    """The failure of issue 9: a post-norm head fed large features attends one-hot."""
+    big = features(64, scale=300.0)
+    plain = collapse_stats(head(), big)
+    assert plain.entropy[0] < 1e-3 < MIN_ENTROPY and plain.logit_std[0] > 100
+    message = plain.warning()
+    assert message is not None and "layer 1 attention entropy 0.00 nats" in message
+    assert "layer 2" not in message
+    for fix in ({"qk_norm": True}, {"input_norm": True}, {"norm": "pre"}):
+        healthy = collapse_stats(head(**fix), big)
+        assert min(healthy.entropy) > 2.0, fix
+        assert healthy.warning() is None, fix
+
+
+def test_identical_outputs_have_cosine_one_and_are_reported():
+    model = head()
+    nn.init.zeros_(model.out_proj.weight)
+    nn.init.ones_(model.out_proj.bias)
+    stats = collapse_stats(model, features(16), num_views=2)
+    assert stats.output_cosine == pytest.approx(1.0)
+    assert f"(> {MAX_OUTPUT_COSINE})" in stats.warning()
+    spread = collapse_stats(head(), features(16), num_views=2)
+    assert abs(spread.output_cosine) < 0.5
+
+
+def test_scalars_name_every_layer_and_the_head_is_left_as_it_was():
+    model = head().train()
+    stats = collapse_stats(model, features(8))
+    assert sorted(stats.scalars()) == [
+        "collapse/layer1/entropy",
+        "collapse/layer1/logit_std",
+        "collapse/layer2/entropy",
+        "collapse/layer2/logit_std",
+        "collapse/output_cosine",
+    ]
+    assert model.training and all(not m._forward_pre_hooks for m in model.modules())
