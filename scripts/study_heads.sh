@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The head study of issue 9: does a transformer head that trains beat the MLP head?
+#
+#   scripts/study_heads.sh screen  [ARM ...]        SimCLR, 2,000 images x 6 epochs, 3 seeds
+#   scripts/study_heads.sh confirm ARM ...          SimCLR, 5,000 images x 20 epochs, 6 seeds
+#   scripts/study_heads.sh horizon ARM              mlp vs ARM at 3x the confirm's epochs, 3 seeds
+#   scripts/study_heads.sh byol ARM                 BYOL, mlp vs ARM at the confirm budget, 3 seeds
+#   scripts/study_heads.sh report PHASE             benchmarks/PHASE/report.md and report.png
+#
+# ARM is a bench projector spec (`transformer:norm=pre,qk_norm=true`); `mlp` is always added.
+# Every phase appends to benchmarks/<phase>/results.jsonl and resumes: finished cells are never
+# run again, so a phase can be stopped and started again at any time. Each run evaluates on
+# the full 10,000-image test split: online linear, the cached-feature linear probe, solo-learn's
+# offline linear probe (1 epoch), k-NN (k = 20, 200) and the head-output 1-NN at B = 16, 64.
+# Runs use one CPU thread at low priority; SOLO_DEEPFUSION_DATA names the CIFAR-10 folder.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+: "${SOLO_DEEPFUSION_DATA:?set SOLO_DEEPFUSION_DATA to the CIFAR-10 folder}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+bench=(nice -n 19 "${SOLO_DEEPFUSION_BIN:-.venv/bin/solo-deepfusion}")
+phase="${1:?phase: screen | confirm | horizon | byol | report}"
+shift
+work="${SOLO_DEEPFUSION_STUDY_WORK:-benchmarks/scratch}"
+common=(
+  --config-name cifar10_quick --batch-sizes 128
+  --overrides data.num_workers=1 data.fraction=-1
+  --linear-epochs 1 --linear-overrides data.num_workers=1 data.fraction=-1 optimizer.batch_size=128
+  --eval-batch-sizes 16 64 --eval-workers 1 --work "$work"
+)
+screen_arms=(
+  transformer                                  # the head as shipped: `paper`, post-norm
+  transformer:norm=pre
+  transformer:input_norm=true                  # post-norm + LayerNorm after in_proj
+  transformer:lr_scale=0.1,norm=pre
+  transformer:norm=pre,qk_norm=true
+)
+confirm=(--epochs 20 --train-per-class 500)
+
+case "$phase" in
+  screen)
+    arms=("${@:-${screen_arms[@]}}")
+    "${bench[@]}" bench "${common[@]}" --methods simclr --projectors mlp "${arms[@]}" \
+      --seeds 0 1 2 --epochs 6 --train-per-class 200 --results benchmarks/screen/results.jsonl
+    ;;
+  confirm)
+    (($#)) || { echo "confirm: name the arms" >&2; exit 2; }
+    "${bench[@]}" bench "${common[@]}" "${confirm[@]}" --methods simclr \
+      --projectors mlp "$@" --seeds 0 1 2 3 4 5 --results benchmarks/confirm/results.jsonl
+    ;;
+  horizon)
+    (($# == 1)) || { echo "horizon: name one arm" >&2; exit 2; }
+    "${bench[@]}" bench "${common[@]}" --epochs 60 --train-per-class 500 --methods simclr \
+      --projectors mlp "$1" --seeds 0 1 2 --results benchmarks/horizon/results.jsonl
+    ;;
+  byol)
+    (($# == 1)) || { echo "byol: name one arm" >&2; exit 2; }
+    # (the bench fills what the SimCLR recipe lacks for BYOL: predictor width, momentum taus)
+    "${bench[@]}" bench "${common[@]}" "${confirm[@]}" --methods byol \
+      --projectors mlp "$1" --seeds 0 1 2 --results benchmarks/byol/results.jsonl
+    ;;
+  report)
+    dir="benchmarks/${1:?report: name the phase}"
+    "${bench[@]}" bench-report "$dir/results.jsonl" --out "$dir/report.md" --plot "$dir/report.png"
+    ;;
+  *)
+    echo "unknown phase $phase: screen | confirm | horizon | byol | report" >&2
+    exit 2
+    ;;
+esac
