@@ -180,6 +180,24 @@ def test_unknown_projector_lists_the_choices(capsys):
 
 
 @pytest.mark.parametrize(
+    ("field", "message"),
+    [
+        ("projector.lr_scale=0", "projector.lr_scale must be a number > 0, got 0"),
+        ("projector.qk_norm=maybe", "qk_norm='maybe' is not supported; choose one of"),
+        ("projector.input_norm=2", "input_norm=2 is not supported; choose one of"),
+        ("projector.heads=3", "dim=256 must be divisible by heads=3"),
+    ],
+)
+def test_bad_head_fields_are_one_line_usage_errors(field, message, capsys, tmp_path):
+    argv = ["--config-name", "cifar10_quick", "--projector", "transformer", field]
+    argv += [f"data.train_path={tmp_path}", "data.val_path=null"]
+    assert launch.pretrain(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"error: {message}" or err[-1].startswith(f"error: {message}")
+    assert not any("Traceback" in line for line in err)
+
+
+@pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["method=mae", *SMALL], "no projection head"),

@@ -223,3 +223,18 @@ def test_stem_is_drawn_the_same_whatever_the_head():
         cfg.backbone.stem, cfg.seed = "imagenet", 5
         weights.append(build_model(cfg).backbone.conv1.weight)
     assert torch.equal(weights[0], weights[1]) and torch.equal(weights[0], weights[2])
+
+
+def test_transformer_config_group_lists_every_projector_key():
+    """Every field can be set as `projector.<key>=...` (no `+`) from the command line."""
+    import importlib.resources
+
+    import yaml
+
+    from solo_deepfusion.solo.variants import OPTIMIZER_KEYS, PROJECTOR_KEYS
+
+    group = importlib.resources.files("solo_deepfusion.configs") / "projector"
+    transformer = yaml.safe_load((group / "transformer.yaml").read_text())
+    assert sorted(transformer) == sorted(PROJECTOR_KEYS["transformer"])
+    twin = yaml.safe_load((group / "mlp_matched.yaml").read_text())
+    assert set(OPTIMIZER_KEYS) <= set(twin) <= set(PROJECTOR_KEYS["mlp_matched"])

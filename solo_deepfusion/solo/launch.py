@@ -466,7 +466,10 @@ def run_pretrain(argv: Sequence[str], callbacks: Sequence[Callback] = ()) -> Tra
     """
     cfg = pretrain_config(argv)
     seed_everything(cfg.seed)
-    model = build_model(cfg)
+    try:
+        model = build_model(cfg)
+    except ValueError as err:  # the heads and variants name the bad field and its choices
+        raise UsageError(str(err)) from err
     make_contiguous(model)
     if not cfg.performance.disable_channel_last:
         model = model.to(memory_format=torch.channels_last)
