@@ -1,0 +1,235 @@
+"""Does a Deep Fusion head train stably under solo-learn's stock CIFAR optimizers? Head-only, fast.
+
+For each stock recipe (its method, loss, optimizer, LARS settings, batch size and peak lr) and
+each head, the method's own ``training_step`` trains the head alone on cached features of a
+trained ResNet-18 (the zoo's ``simclr-r18-cifar10-cpu``), two augmented crops per image, at the
+recipe's peak lr (no warm-up, no decay) for ``--steps`` steps. Then the head's collapse
+diagnostics are measured on a held-out batch of those features: per-layer attention entropy,
+attention logit spread, and the mean cosine between different samples' outputs.
+
+    python scripts/bench_stability.py --data <cifar10 folder>          # the table in minutes
+    python scripts/bench_stability.py --data <cifar10 folder> --dry-run  # 2 steps, 1 recipe
+
+Rows go to ``<out>/results.jsonl`` as they finish (a rerun skips finished rows) and the table
+to ``<out>/report.md``. A head is ``healthy`` when every layer's entropy is above 0.5 nats and
+the output cosine below 0.5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import solo
+import torch
+import torchvision.transforms.v2 as T
+from torch import nn
+from torchvision.datasets import ImageFolder
+
+from solo_deepfusion.atomic import write_text
+from solo_deepfusion.heads.diagnostics import collapse_stats
+from solo_deepfusion.hub import load_backbone
+from solo_deepfusion.solo.bench.data import prepare_data
+from solo_deepfusion.solo.bench.grid import ProjectorSpec
+from solo_deepfusion.solo.launch import pretrain_config
+from solo_deepfusion.solo.model import build_model
+from solo_deepfusion.solo.monitor import append_jsonl, fusion_head
+
+RECIPES = ("simclr", "byol", "mocov3", "barlow", "vicreg", "swav")
+ARMS = (
+    "transformer",  # the `paper` preset, post-norm: the head as first shipped
+    "transformer:norm=pre",
+    "transformer:input_norm=true",
+    "transformer:norm=pre,qk_norm=true",
+    "transformer:lr_scale=0.1",
+)
+FEATURES_BACKBONE = "simclr-r18-cifar10-cpu"
+HEALTHY_ENTROPY, HEALTHY_COSINE = 0.5, 0.5
+
+
+def crops() -> T.Compose:
+    """SimCLR-style crops of 32 px CIFAR images (what solo-learn's recipes feed the backbone)."""
+    return T.Compose(
+        [
+            T.ToImage(),
+            T.RandomResizedCrop(32, scale=(0.08, 1.0), antialias=True),
+            T.RandomHorizontalFlip(),
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+            T.ToDtype(torch.float32, scale=True),
+            T.Normalize((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261)),
+        ]
+    )
+
+
+@torch.no_grad()
+def cached_features(data: Path, work: Path, per_class: int) -> torch.Tensor:
+    """``(2, N, 512)``: two crops of the first ``per_class`` training images of each class."""
+    path = work / f"features-{per_class}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    folder = prepare_data(data, work, train_per_class=per_class, val_per_class=1).train
+    torch.manual_seed(0)
+    images = ImageFolder(str(folder), transform=crops())
+    backbone = load_backbone(FEATURES_BACKBONE, progress=False)
+    loader = torch.utils.data.DataLoader(images, batch_size=256)
+    views = [torch.cat([backbone(x) for x, _ in loader]) for _ in range(2)]
+    feats = torch.stack(views)
+    tmp = path.with_suffix(".tmp")
+    torch.save(feats, tmp)
+    tmp.replace(path)
+    return feats
+
+
+class FeatureCrops(torch.utils.data.Dataset):
+    """solo-learn's ``[index, [crop1, crop2], label]`` samples, with features for crops."""
+
+    def __init__(self, feats: torch.Tensor) -> None:
+        self.feats = feats
+
+    def __len__(self) -> int:
+        return self.feats.shape[1]
+
+    def __getitem__(self, i: int):
+        return i, [self.feats[0, i], self.feats[1, i]], 0
+
+
+def recipe_config(recipe: str, arm: str, scratch: Path):
+    """The stock recipe's cfg for ``arm``, on CPU, lr held at its peak."""
+    folder = Path(solo.__file__).resolve().parents[1] / "scripts" / "pretrain" / "cifar"
+    argv = [
+        "--config-path", str(folder), "--config-name", f"{recipe}.yaml",
+        *ProjectorSpec.parse(arm).overrides(),
+        "accelerator=cpu", "devices=1", "strategy=auto", "precision=32",
+        f"data.train_path={scratch}", f"data.val_path={scratch}", "data.format=image_folder",
+        "scheduler.name=none", "++performance.disable_channel_last=true",
+        "projector.collapse_monitor_every=0", "++checkpoint.enabled=false",
+        "++auto_resume.enabled=false", "++wandb.enabled=false",
+    ]  # fmt: skip
+    return pretrain_config(argv)
+
+
+def train_head(recipe: str, arm: str, feats: torch.Tensor, steps: int, scratch: Path) -> dict:
+    """Fit the head alone with the recipe's method and optimizer; its diagnostics after."""
+    cfg = recipe_config(recipe, arm, scratch)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    for name in ("backbone", "momentum_backbone"):  # features in, features out
+        if hasattr(model, name):
+            setattr(model, name, nn.Identity())
+    held_out = feats[:, -cfg.optimizer.batch_size :]
+    train = FeatureCrops(feats[:, : -cfg.optimizer.batch_size])
+    sampler = torch.utils.data.RandomSampler(train, num_samples=steps * cfg.optimizer.batch_size)
+    loader = torch.utils.data.DataLoader(
+        train, batch_size=cfg.optimizer.batch_size, sampler=sampler, drop_last=True
+    )
+    trainer = pl.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    began = time.monotonic()
+    trainer.fit(model, loader)
+    seconds = time.monotonic() - began
+    head = fusion_head(model).eval()
+    stats = collapse_stats(head, torch.cat([held_out[0], held_out[1]]), num_views=2)
+    healthy = min(stats.entropy) > HEALTHY_ENTROPY and stats.output_cosine < HEALTHY_COSINE
+    return {
+        "recipe": recipe,
+        "arm": ProjectorSpec.parse(arm).label,
+        "steps": steps,
+        "optimizer": cfg.optimizer.name,
+        "lr": cfg.optimizer.lr,
+        "batch_size": cfg.optimizer.batch_size,
+        "entropy": list(stats.entropy),
+        "logit_std": list(stats.logit_std),
+        "output_cosine": stats.output_cosine,
+        "healthy": healthy,
+        "seconds": seconds,
+    }
+
+
+def report(rows: list[dict], arms: list[str], recipes: list[str]) -> str:
+    labels = [ProjectorSpec.parse(a).label for a in arms]
+    lines = [
+        "# Head stability under solo-learn's CIFAR optimizers (head only, peak lr)",
+        "",
+        "Cell: min layer entropy (nats) / output cosine after the run; ✔ = every layer above "
+        f"{HEALTHY_ENTROPY} nats and cosine below {HEALTHY_COSINE}. "
+        "Command: `python scripts/bench_stability.py --data <cifar10>`.",
+        "",
+        "| recipe | optimizer, peak lr | " + " | ".join(f"`{a}`" for a in labels) + " |",
+        "|---|---|" + "---|" * len(labels),
+    ]
+    found = {(r["recipe"], r["arm"]): r for r in rows}
+    for recipe in recipes:
+        some = next((r for r in rows if r["recipe"] == recipe), None)
+        if some is None:
+            continue
+        cells = []
+        for label in labels:
+            r = found.get((recipe, label))
+            cells.append(
+                "–"
+                if r is None
+                else f"{min(r['entropy']):.2f} / {r['output_cosine']:.2f} "
+                + ("✔" if r["healthy"] else "✘")
+            )
+        optimizer = f"{some['optimizer']} {some['lr']:g}"
+        lines.append(f"| {recipe} | {optimizer} | " + " | ".join(cells) + " |")
+    lines += ["", "Per-layer entropies (nats):", ""]
+    for r in rows:
+        entropies = ", ".join(f"{h:.2f}" for h in r["entropy"])
+        lines.append(f"- {r['recipe']} `{r['arm']}`: [{entropies}], {r['seconds']:.0f} s")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default=os.environ.get("SOLO_DEEPFUSION_DATA"))
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES))
+    parser.add_argument("--arms", nargs="+", default=list(ARMS))
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--per-class", type=int, default=300, help="images per class")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/stability"))
+    parser.add_argument("--work", type=Path, default=Path("benchmarks/scratch/stability"))
+    parser.add_argument("--dry-run", action="store_true", help="2 steps of the first recipe")
+    args = parser.parse_args()
+    if not args.data:
+        parser.error("--data (or SOLO_DEEPFUSION_DATA): the CIFAR-10 folder")
+    if args.dry_run:
+        args.recipes, args.steps, args.out = args.recipes[:1], 2, args.work / "dry-run"
+    args.work.mkdir(parents=True, exist_ok=True)
+    scratch = args.work / "empty"
+    scratch.mkdir(exist_ok=True)
+    feats = cached_features(Path(args.data), args.work, args.per_class)
+    results = args.out / "results.jsonl"
+    rows = (
+        [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+    )
+    done = {(r["recipe"], r["arm"], r["steps"]) for r in rows}
+    for recipe in args.recipes:
+        for arm in args.arms:
+            if (recipe, ProjectorSpec.parse(arm).label, args.steps) in done:
+                continue
+            row = train_head(recipe, arm, feats, args.steps, scratch)
+            append_jsonl(results, row)
+            rows.append(row)
+            entropy, cosine = min(row["entropy"]), row["output_cosine"]
+            print(f"{recipe} {row['arm']}: entropy {entropy:.2f} cosine {cosine:.2f}", flush=True)
+    rows = [r for r in rows if r["steps"] == args.steps]
+    write_text(args.out / "report.md", report(rows, args.arms, args.recipes))
+    print(report(rows, args.arms, args.recipes))
+
+
+if __name__ == "__main__":
+    main()
