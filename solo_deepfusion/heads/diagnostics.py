@@ -94,16 +94,13 @@ def collapse_stats(
         for block in head.blocks
     ]
     try:
-        out, maps = head(x, num_views=num_views, return_attention=True)
+        out = head(x, num_views=num_views)
     finally:
         for hook in hooks:
             hook.remove()
-    logit_std = tuple(
-        _logit_std(block.attn.logits(block.attention_input(h), allowed))
-        for block, (h, allowed) in zip(head.blocks, inputs, strict=True)
-    )
-    return CollapseStats(
-        entropy=tuple(_row_entropy(w) for w in maps),
-        logit_std=logit_std,
-        output_cosine=_output_cosine(out, num_views),
-    )
+    entropy, logit_std = [], []
+    for block, (h, allowed) in zip(head.blocks, inputs, strict=True):
+        logits = block.attn.logits(block.attention_input(h), allowed)
+        entropy.append(_row_entropy(logits.softmax(dim=-1)))
+        logit_std.append(_logit_std(logits))
+    return CollapseStats(tuple(entropy), tuple(logit_std), _output_cosine(out, num_views))
