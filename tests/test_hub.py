@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -46,6 +47,7 @@ class Route:
     corrupt: bool = False  # flip one byte (same size)
     cut_after: list[int] = field(default_factory=list)  # per request: close after N body bytes
     redirect: str | None = None
+    trickle_s: float | None = None  # send the body one byte at a time, this far apart
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -92,7 +94,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         try:
-            self.wfile.write(body)
+            if route.trickle_s is None:
+                self.wfile.write(body)
+            for byte in body if route.trickle_s is not None else ():
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(route.trickle_s)
         except (BrokenPipeError, ConnectionResetError):  # the client gave up on this mirror
             self.close_connection = True
 
@@ -205,6 +212,33 @@ def cache_file(tmp_path, name="m1", filename="backbone.safetensors") -> Path:
 
 
 # ----------------------------------------------------------------------------- downloads
+
+
+def test_a_trickling_mirror_is_given_up_at_its_deadline_for_the_next(server, tmp_path):
+    server.routes["/slow"] = Route(trickle_s=0.05)
+    server.routes["/fast"] = Route()
+    urls = [server.url("/slow"), server.url("/fast")]
+    manifest = write_manifest(tmp_path / "zoo", [entry_rec(files=[file_rec(urls)])])
+    began = time.monotonic()
+    path = hub.download("m1", manifest=manifest, progress=False, deadline_s=1.0)
+    assert time.monotonic() - began < 10 and path.read_bytes() == PAYLOAD
+    assert [p for p, _ in server.requests] == ["/slow", "/fast"]
+
+
+def test_only_slow_mirrors_fail_with_the_reason(server, tmp_path):
+    server.routes["/slow"] = Route(trickle_s=0.05)
+    manifest = write_manifest(
+        tmp_path / "zoo", [entry_rec(files=[file_rec([server.url("/slow")])])]
+    )
+    with pytest.raises(hub.DownloadError, match=r"too slow: \d+ of 3145851 bytes"):
+        hub.download("m1", manifest=manifest, progress=False, deadline_s=0.5)
+
+
+def test_the_default_deadline_grows_with_the_file():
+    from solo_deepfusion.hub.download import DEADLINE_BASE_S, MIN_RATE, deadline_for
+
+    assert deadline_for(0) == DEADLINE_BASE_S
+    assert deadline_for(100 * MIN_RATE) == DEADLINE_BASE_S + 100
 
 
 def test_download_verified_and_cached(server, tmp_path):
@@ -548,6 +582,9 @@ BAD_ENTRIES = [
     (_set("metrics.1.protocol", {"kind": "knn"}), "'metrics[1].protocol.k'"),
     (_set("files.0.urls", ["http://example.com/w"]), "'files[0].urls[0]': plain http"),
     (_set("files.0.urls", ["hf://org/repo/w.safetensors"]), "revision required"),
+    (_set("files.0.urls", ["data:text/plain,abc"]), "unsupported URL scheme 'data'"),
+    (_set("files.0.urls", ["javascript:alert(1)"]), "unsupported URL scheme 'javascript'"),
+    (_set("files.0.urls", ["ftp://example.com/w"]), "unsupported URL scheme 'ftp'"),
     (_set("files.0.filename", "backbone.pt"), "'files[0].filename': a 'backbone' file"),
     (_set("recipe", "../outside.yaml"), "'recipe'"),
     (_set("backbone.kwargs", []), "'backbone.kwargs'"),
@@ -567,6 +604,25 @@ def test_manifest_errors_name_entry_and_field(tmp_path, mutate, expected):
     assert len(err.value.errors) == 1, err.value.errors
     assert "entry 'm1' (models[1])" in err.value.errors[0]
     assert expected in err.value.errors[0]
+
+
+def test_manifest_with_aliases_is_refused_at_once(tmp_path):
+    """Nested aliases expand exponentially (a 2.6 KB file took 46 s); none are read."""
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 12)]
+    manifest = tmp_path / "manifest.yaml"
+    manifest.write_text("\n".join(levels) + "\nschema_version: 1\nmodels: []\n")
+    began = time.monotonic()
+    with pytest.raises(hub.ManifestError, match=r"manifest\.yaml is not valid YAML.*aliases"):
+        hub.load_manifest(manifest)
+    assert time.monotonic() - began < 1.0
+
+
+def test_non_utf8_manifest_names_the_file(tmp_path):
+    manifest = tmp_path / "manifest.yaml"
+    manifest.write_bytes(b"schema_version: 1\nmodels: []\n# \xff\xfe\n")
+    with pytest.raises(hub.ManifestError, match=rf"{re.escape(str(manifest))} is not UTF-8"):
+        hub.load_manifest(manifest)
 
 
 def test_manifest_duplicate_names_and_roles(tmp_path):

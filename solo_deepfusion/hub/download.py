@@ -8,8 +8,9 @@ A file is returned only once its SHA-256 matches the manifest; this is checked o
 for files already in the cache. Data arrives in ``<target>.part`` and is renamed to ``<target>``
 (``os.replace``) after the check, so ``<target>`` is always complete. An interrupted transfer
 keeps its ``.part``; the next attempt (or the next call) continues with ``Range: bytes=<n>-``.
-A mirror that answers 404, fails to connect or serves bytes with the wrong hash is skipped; when
-all fail, :class:`DownloadError` lists each URL and why. Bytes with a wrong hash are never kept.
+A mirror that answers 404, fails to connect, serves bytes with the wrong hash or has not
+delivered the whole file within its deadline (:func:`deadline_for`) is skipped; when all fail,
+:class:`DownloadError` lists each URL and why. Bytes with a wrong hash are never kept.
 Concurrent calls (e.g. one per DDP rank) serialise on ``<target>.lock``.
 """
 
@@ -20,6 +21,7 @@ import os
 import re
 import shutil
 import sys
+import time
 import urllib.error
 import urllib.request
 import warnings
@@ -35,6 +37,8 @@ from .manifest import PathLike, ZooEntry, ZooFile, get_entry
 from .urls import LOOPBACK_HOSTS, Source, check_remote_url, parse_url
 
 TIMEOUT_S = 30.0  # per socket operation
+DEADLINE_BASE_S = 120.0  # per mirror and file: this, plus the file's size at MIN_RATE
+MIN_RATE = 256 * 1024  # bytes/s below which a mirror is given up for the next one
 MAX_RESUMES = 5  # per mirror, each must have made progress
 _CHUNK = 1 << 20
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
@@ -103,8 +107,19 @@ def _size(path: Path) -> int:
         return 0
 
 
-def _http_to_part(url: str, part: Path, zf: ZooFile, label: str, progress: bool) -> None:
-    """Fetch the rest of ``zf`` into ``part`` (continuing it if the server honours Range)."""
+def deadline_for(size: int) -> float:
+    """Seconds a mirror gets to deliver a file of ``size`` bytes, resumes included."""
+    return DEADLINE_BASE_S + size / MIN_RATE
+
+
+def _http_to_part(
+    url: str, part: Path, zf: ZooFile, label: str, progress: bool, deadline: float
+) -> None:
+    """Fetch the rest of ``zf`` into ``part`` (continuing it if the server honours Range).
+
+    ``deadline`` is a ``time.monotonic()`` instant: past it the mirror is given up (checked
+    after every read, so a trickling server is left within one socket timeout of it).
+    """
     offset = _size(part)
     try:
         resp = _open(url, offset)
@@ -136,12 +151,16 @@ def _http_to_part(url: str, part: Path, zf: ZooFile, label: str, progress: bool)
         ):
             while True:
                 try:
-                    chunk = resp.read(_CHUNK)
+                    chunk = resp.read1(_CHUNK)  # what has arrived: the deadline is checked often
                 except (OSError, http.client.HTTPException) as e:
                     msg = f"connection lost after {offset + received} bytes: {e}"
                     raise _Interrupted(msg, progressed=received > 0) from e
                 if not chunk:
                     break
+                if time.monotonic() > deadline:
+                    raise _MirrorFailed(
+                        f"too slow: {offset + received} of {zf.size} bytes within its deadline"
+                    )
                 if offset + received + len(chunk) > zf.size:
                     fh.close()
                     part.unlink(missing_ok=True)
@@ -168,8 +187,17 @@ def _copy_to_part(src: Path, part: Path, zf: ZooFile) -> None:
         os.fsync(fout.fileno())
 
 
-def _fetch(src: Source, base_dir: Path | None, part: Path, zf: ZooFile, label: str, progress: bool):
+def _fetch(
+    src: Source,
+    base_dir: Path | None,
+    part: Path,
+    zf: ZooFile,
+    label: str,
+    progress: bool,
+    deadline_s: float,
+) -> None:
     """Leave a complete ``part`` whose SHA-256 matches, or raise :class:`_MirrorFailed`."""
+    deadline = time.monotonic() + deadline_s
     if _size(part) > zf.size:
         part.unlink()
     inherited = _size(part) > 0  # bytes from an earlier attempt, maybe from another mirror
@@ -179,7 +207,7 @@ def _fetch(src: Source, base_dir: Path | None, part: Path, zf: ZooFile, label: s
             if src.kind in ("file", "relative"):
                 _copy_to_part(src.local_path(base_dir), part, zf)
             elif _size(part) < zf.size:
-                _http_to_part(src.http_url(), part, zf, label, progress)
+                _http_to_part(src.http_url(), part, zf, label, progress, deadline)
         except _Interrupted as e:
             resumes += 1
             if not e.progressed or resumes > MAX_RESUMES:
@@ -216,12 +244,14 @@ def download(
     offline: bool | None = None,
     progress: bool = True,
     manifest: PathLike | None = None,
+    deadline_s: float | None = None,
 ) -> Path:
     """Path of the verified cached file ``role`` of a zoo entry, downloading it if needed.
 
     ``offline=None`` follows ``$SOLO_DEEPFUSION_OFFLINE`` / ``$HF_HUB_OFFLINE``; offline, only the
     cache is used and a missing file raises :class:`NotCachedError`. ``manifest`` overrides the
-    manifest used to look ``name_or_entry`` up.
+    manifest used to look ``name_or_entry`` up. ``deadline_s`` is what each mirror gets to
+    deliver the file (default :func:`deadline_for` its size); then the next mirror is tried.
     """
     entry = (
         name_or_entry if isinstance(name_or_entry, ZooEntry) else get_entry(name_or_entry, manifest)
@@ -255,9 +285,10 @@ def download(
             )
             target.unlink()
         failures: list[tuple[str, str]] = []
+        per_mirror = deadline_for(zf.size) if deadline_s is None else deadline_s
         for url in zf.urls:
             try:
-                _fetch(parse_url(url), entry.manifest_dir, part, zf, label, progress)
+                _fetch(parse_url(url), entry.manifest_dir, part, zf, label, progress, per_mirror)
             except (_MirrorFailed, ValueError) as e:
                 failures.append((url, str(e)))
                 continue

@@ -20,7 +20,7 @@ import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import jsonschema
 import yaml
@@ -268,6 +268,22 @@ def validate_manifest(doc: Any, source: str = "manifest") -> None:
 # ----------------------------------------------------------------------------- public API
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses aliases: nested ones expand exponentially."""
+
+    def compose_node(self, parent, index):  # type: ignore[no-untyped-def]
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(
+                None, None, "YAML aliases (*name) are not allowed", self.peek_event().start_mark
+            )
+        return super().compose_node(parent, index)
+
+
+def read_yaml(stream: str | IO[str]) -> Any:
+    """YAML as ``yaml.safe_load`` reads it, aliases refused (``yaml.YAMLError``)."""
+    return yaml.load(stream, Loader=_NoAliasLoader)
+
+
 def load_manifest(path: PathLike | None = None) -> dict[str, ZooEntry]:
     """Parse and validate a manifest; ``{name: entry}`` in manifest order.
 
@@ -279,7 +295,9 @@ def load_manifest(path: PathLike | None = None) -> dict[str, ZooEntry]:
         raise ManifestError(f"zoo manifest not found: {p}{hint}")
     try:
         with open(p, encoding="utf-8") as fh:
-            doc = _plain(yaml.safe_load(fh))
+            doc = _plain(read_yaml(fh))
+    except UnicodeDecodeError as e:
+        raise ManifestError(f"zoo manifest {p} is not UTF-8 text: {e}") from e
     except yaml.YAMLError as e:
         raise ManifestError(f"zoo manifest {p} is not valid YAML: {e}") from e
     validate_manifest(doc, str(p))

@@ -20,7 +20,7 @@ import yaml
 from solo_deepfusion.atomic import atomic_path
 
 from .cache import sha256_file
-from .manifest import REPO_ZOO_DIR, PathLike, _plain, validate_manifest
+from .manifest import REPO_ZOO_DIR, PathLike, _plain, read_yaml, validate_manifest
 
 SCHEMA_VERSION = 1
 
@@ -71,7 +71,7 @@ def update_manifest(path: PathLike, entry: Mapping[str, Any]) -> Path:
     """
     p = Path(path)
     text = p.read_text(encoding="utf-8") if p.is_file() else ""
-    doc = _plain(yaml.safe_load(text)) if text.strip() else None
+    doc = _plain(read_yaml(text)) if text.strip() else None
     doc = doc or {"schema_version": SCHEMA_VERSION, "models": []}
     models = [m for m in doc["models"] if m.get("name") != entry["name"]]
     at = next((i for i, m in enumerate(doc["models"]) if m.get("name") == entry["name"]), None)

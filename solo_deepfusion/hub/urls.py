@@ -119,7 +119,7 @@ def parse_url(url: str) -> Source:
         if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
             raise ValueError(f"file URLs must be absolute, file:///path: {url!r}")
         return Source(url, "file", path=unquote(parts.path))
-    if _SCHEME_RE.match(url) and "://" in url:
+    if _SCHEME_RE.match(url):  # data:, javascript:, ftp://, ... are no relative paths
         check_remote_url(url)
         return Source(url, "http")
     _check_rel_parts(url, "relative URL")
