@@ -585,6 +585,7 @@ BAD_ENTRIES = [
     (_set("files.0.urls", ["data:text/plain,abc"]), "unsupported URL scheme 'data'"),
     (_set("files.0.urls", ["javascript:alert(1)"]), "unsupported URL scheme 'javascript'"),
     (_set("files.0.urls", ["ftp://example.com/w"]), "unsupported URL scheme 'ftp'"),
+    (_set("files.0.size", 0), "'files[0].size'"),
     (_set("files.0.filename", "backbone.pt"), "'files[0].filename': a 'backbone' file"),
     (_set("recipe", "../outside.yaml"), "'recipe'"),
     (_set("backbone.kwargs", []), "'backbone.kwargs'"),
@@ -836,3 +837,40 @@ def test_cli_help_and_console_script(capsys, two_entries):
     assert code == 0 and all(c in out for c in ("list", "info", "download", "verify", "export"))
     assert top_cli.main(["zoo", "list", "--manifest", str(two_entries)]) == 0
     assert "df-small" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["download", "export"])
+def test_cli_a_file_where_a_folder_belongs_is_a_usage_error(capsys, two_entries, tmp_path, command):
+    not_a_folder = tmp_path / "plain-file"
+    not_a_folder.write_text("x")
+    if command == "download":
+        argv = ["download", "m1", "--cache-dir", str(not_a_folder)]
+        option = "--cache-dir"
+    else:
+        argv = ["export", "m1", str(not_a_folder)]
+        option = "DIR"
+    code, _, err = run_cli(capsys, *argv, "--manifest", two_entries)
+    assert code == 2
+    assert (
+        err.strip()
+        == f"solo-deepfusion zoo: error: {option} {not_a_folder} is a file, not a folder"
+    )
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"\x80\x04\x95" + b"cos\nsystem\n" * 8,  # a pickle under a .safetensors name
+        b"\xff" * 8 + b"{}",  # a header length far beyond the file
+        b"",  # empty
+    ],
+)
+def test_a_file_that_is_not_safetensors_is_a_one_line_error(tmp_path, content):
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(content)
+    for read in (hub.load_state_dict, hub.read_metadata):
+        with pytest.raises(
+            ValueError, match=r"w\.safetensors is not a valid safetensors file"
+        ) as e:
+            read(path)
+        assert "\n" not in str(e.value)

@@ -8,6 +8,7 @@ to them (relative URLs) and downloaded into a temporary cache.
 from __future__ import annotations
 
 import json
+import pickle
 import pickletools
 import zipfile
 from pathlib import Path
@@ -258,3 +259,43 @@ def test_fusion_analysis_takes_a_zoo_name(run, zoo, tmp_path, monkeypatch):
     assert result["checkpoint"].endswith(f"{NAME}.full.safetensors")
     assert len(result["fusion_ratio"]) == 2  # the depth of SMALL
     assert (tmp_path / "out" / "heatmaps.png").is_file()
+
+
+def tampered_zoo(zoo: Path, role: str, data: bytes, folder: Path) -> Path:
+    """A copy of ``zoo`` whose ``role`` file is ``data``, its size and hash updated to match."""
+    import hashlib
+    import shutil
+
+    shutil.copytree(zoo.parent, folder)
+    doc = yaml.safe_load((folder / "manifest.yaml").read_text())
+    record = next(f for f in doc["models"][0]["files"] if f["role"] == role)
+    (folder / record["urls"][0]).write_bytes(data)
+    record.update(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (folder / "manifest.yaml").write_text(yaml.safe_dump(doc))
+    return folder / "manifest.yaml"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({"method": "../../../escaped"}, "method='../../../escaped' is not one of solo-learn's"),
+        ({"method": "simclr_typo"}, "method='simclr_typo' is not one of solo-learn's"),
+        ([1, 2], "holds a JSON list, not an object"),
+    ],
+)
+def test_cli_export_refuses_bad_args_json_and_writes_nothing(zoo, tmp_path, capsys, args, message):
+    manifest = tampered_zoo(zoo, "args", json.dumps(args).encode(), tmp_path / "zoo")
+    out = tmp_path / "a" / "b" / "c" / "export"
+    assert cli.main(["export", NAME, str(out), "--manifest", str(manifest)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and NAME in err and "\n" not in err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "escaped").exists()
+
+
+def test_cli_export_refuses_a_pickle_disguised_as_safetensors(zoo, tmp_path, capsys):
+    payload = pickle.dumps({"state_dict": {}})
+    manifest = tampered_zoo(zoo, "full", payload, tmp_path / "zoo")
+    assert cli.main(["export", NAME, str(tmp_path / "out"), "--manifest", str(manifest)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "is not a valid safetensors file" in err and "\n" not in err
+    assert not list((tmp_path / "out").rglob("*.ckpt"))

@@ -207,15 +207,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _folder_problem(args: argparse.Namespace) -> str | None:
+    """Why a folder named on the command line cannot be one (it is a file), or ``None``."""
+    for option, path in (
+        ("--cache-dir", getattr(args, "cache_dir", None)),
+        ("DIR", getattr(args, "dir", None)),
+    ):
+        if path is not None and path.exists() and not path.is_dir():
+            return f"{option} {path} is a file, not a folder"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``solo-deepfusion zoo <argv>``; returns the exit status."""
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+        args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
     except SystemExit as exit_:  # --help, or a usage error argparse already printed
         return 0 if exit_.code is None else int(exit_.code)
+    problem = _folder_problem(args)
+    if problem is not None:
+        print(f"{parser.prog}: error: {problem}", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
-    except (ZooError, ValueError, FileExistsError) as err:
+    except (ZooError, ValueError, OSError) as err:  # OSError: FileExistsError, a full disk ...
         print(f"error: {err}", file=sys.stderr)
         return 1
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from solo_deepfusion.atomic import atomic_path
@@ -99,13 +99,21 @@ def _sort_metadata(path: Path) -> None:
 
 def load_state_dict(path: PathLike, *, device: str = "cpu") -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` file (anything else: ``ValueError``, never unpickled)."""
-    return dict(load_file(_require_safetensors(path), device=device))
+    p = _require_safetensors(path)
+    try:
+        return dict(load_file(p, device=device))
+    except SafetensorError as err:
+        raise ValueError(f"{p} is not a valid safetensors file: {err}") from err
 
 
 def read_metadata(path: PathLike) -> dict[str, str]:
     """The ``str -> str`` metadata header of a ``.safetensors`` file."""
-    with safe_open(str(_require_safetensors(path)), framework="pt") as fh:
-        return dict(fh.metadata() or {})
+    p = _require_safetensors(path)
+    try:
+        with safe_open(str(p), framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except SafetensorError as err:
+        raise ValueError(f"{p} is not a valid safetensors file: {err}") from err
 
 
 def upcast(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

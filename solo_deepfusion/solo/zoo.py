@@ -22,6 +22,7 @@ from typing import Any
 import lightning
 import torch
 from omegaconf import DictConfig, OmegaConf
+from solo.methods import METHODS
 from solo.methods.base import BaseMethod
 from solo.utils.misc import omegaconf_select
 from torch import nn
@@ -92,7 +93,7 @@ def export_checkpoint(
     Only export checkpoints you trust: the ``.ckpt`` is a pickle (see ``load_model`` in
     :mod:`solo_deepfusion.solo.model`).
     """
-    cfg = OmegaConf.create(json.loads(Path(args_json).read_text(encoding="utf-8")))
+    cfg = read_args(Path(args_json))
     model = load_run(ckpt_path, cfg, strict=True)
     state = model.state_dict()
     backbone = {
@@ -128,9 +129,25 @@ def _entry(name: str | ZooEntry, manifest: PathLike | None) -> ZooEntry:
     return name if isinstance(name, ZooEntry) else get_entry(name, manifest)
 
 
+def read_args(path: Path) -> DictConfig:
+    """A run's ``args.json``: a JSON object naming a method solo-learn knows (one-line errors)."""
+    from solo_deepfusion.solo import register
+
+    try:
+        args = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not a JSON file: {err}") from err
+    if not isinstance(args, dict):
+        raise ValueError(f"{path} holds a JSON {type(args).__name__}, not an object (a run's cfg)")
+    register()
+    method = args.get("method")
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"{path}: method={method!r} is not one of solo-learn's methods")
+    return OmegaConf.create(args)
+
+
 def _cfg(entry: ZooEntry, **download_kwargs: Any) -> DictConfig:
-    path = download(entry, role="args", **download_kwargs)
-    return OmegaConf.create(json.loads(path.read_text(encoding="utf-8")))
+    return read_args(download(entry, role="args", **download_kwargs))
 
 
 def load_model(
