@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from solo_deepfusion._host import host_problem
 
@@ -128,3 +130,38 @@ def test_find_run_needs_args_json(pretrained, tmp_path):
 def test_knn_reports_a_missing_run(tmp_path, capsys):
     assert knn(["--checkpoint-dir", str(tmp_path / "nowhere")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+class RunsAShellCommand:
+    """What a hostile ``.ckpt`` holds: unpickling it would run ``touch <marker>``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_tools_refuse_a_checkpoint_that_would_run_code(pretrained, cifar_tiny, tmp_path, capsys):
+    """knn, linear and fusion read checkpoints with weights_only=True: one line, exit 2."""
+    from solo_deepfusion.solo.analysis import main as fusion
+
+    marker = tmp_path / "ran"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "args.json").write_bytes((pretrained / "args.json").read_bytes())
+    evil = run / "evil-ep=0.ckpt"
+    torch.save({"state_dict": {}, "x": RunsAShellCommand(marker)}, evil)
+    data = ["--train-path", str(cifar_tiny / "train"), "--val-path", str(cifar_tiny / "val")]
+    commands = {
+        "knn": lambda: knn(["--checkpoint-dir", str(run), *data]),
+        "linear": lambda: linear(linear_args(run, cifar_tiny, tmp_path / "out")),
+        "fusion": lambda: fusion(
+            ["--checkpoint", str(evil), "--data", str(cifar_tiny / "val"), "--out", str(tmp_path)]
+        ),
+    }
+    for name, command in commands.items():
+        assert command() == 2, name
+        err = capsys.readouterr().err.strip().splitlines()
+        assert "refused, it holds more than weights" in err[-1], name
+    assert not marker.exists()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import functools
+import csv
 import json
 import os
 import subprocess
@@ -21,7 +21,6 @@ if host_problem() is not None:
 import lightning.pytorch as pl
 from omegaconf import OmegaConf
 from solo.methods import METHODS
-from solo.utils.auto_resumer import AutoResumer
 
 from solo_deepfusion.solo import data, launch
 from solo_deepfusion.solo.launch import UsageError
@@ -32,7 +31,7 @@ SMALL = ("--projector", "transformer", "projector.preset=small")
 
 def runs(ckpt_dir: Path, method: str) -> list[Path]:
     """The run folders of ``method`` that hold a checkpoint."""
-    return sorted(p.parent for p in (ckpt_dir / method).glob("*/*.ckpt"))
+    return sorted({p.parent for p in (ckpt_dir / method).glob("*/*.ckpt")})
 
 
 def read_args(run: Path) -> dict:
@@ -105,33 +104,6 @@ def test_cpu_settings(precision, expected):
     )
     cfg = launch.prepare_hardware(cfg)
     assert (cfg.precision, cfg.sync_batchnorm, list(cfg.devices)) == (expected, False, [0])
-
-
-def test_auto_resume_matches_the_projector(tmp_path):
-    run = tmp_path / "simclr_transformer" / "offline-1"
-    run.mkdir(parents=True)
-    (run / "x-ep=0.ckpt").touch()
-    args = {"method": "simclr_transformer", "projector": {"name": "transformer", "depth": 4}}
-    (run / "args.json").write_text(json.dumps(args))
-    resumer = launch.ProjectorAutoResumer(checkpoint_dir=tmp_path / "simclr_transformer")
-    stock_keys = list(AutoResumer.SHOULD_MATCH)
-
-    assert resumer.find_checkpoint(OmegaConf.create(args))[0] == run / "x-ep=0.ckpt"
-    deeper = {**args, "projector": {"name": "transformer", "depth": 6}}
-    assert resumer.find_checkpoint(OmegaConf.create(deeper)) == (None, None)
-    assert stock_keys == AutoResumer.SHOULD_MATCH  # solo-learn's list is left as it was
-
-
-def test_checkpoints_lose_solo_static_lr_partials(tmp_path):
-    # As solo-learn's main_pretrain saves SimSiam: a partial in the scheduler state.
-    path = tmp_path / "old.ckpt"
-    torch.save({"lr_schedulers": [{"get_lr": functools.partial(max), "last_epoch": 3}]}, path)
-    io = launch.SoloCheckpointIO()
-    assert io.load_checkpoint(path)["lr_schedulers"] == [{"last_epoch": 3}]
-    io.save_checkpoint(torch.load(path, weights_only=False), tmp_path / "new.ckpt")
-    assert torch.load(tmp_path / "new.ckpt", weights_only=True)["lr_schedulers"] == [
-        {"last_epoch": 3}
-    ]
 
 
 def test_archived_split_is_unpacked_once(cifar_tiny, tmp_path, monkeypatch):
@@ -258,6 +230,16 @@ def test_mlp_projector_trains_the_stock_method(quick_args, tmp_path):
     assert read_args(run)["method"] == "simclr"
 
 
+class RunsAShellCommand:
+    """What a hostile ``.ckpt`` holds: unpickling it would run ``touch <marker>``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
 class CrashAt(pl.Callback):
     """Stands for a killed job: raises at ``batch`` of ``epoch``."""
 
@@ -279,8 +261,9 @@ class FirstStep(pl.Callback):
         self.seen = self.seen or (trainer.current_epoch, trainer.global_step)
 
 
-def test_killed_run_resumes_from_its_checkpoint(quick_args, tmp_path):
-    # SimSiam: solo-learn keeps a functools.partial in its scheduler (see drop_static_lr).
+def test_killed_run_resumes_from_its_checkpoint(quick_args, tmp_path, capsys):
+    """Relaunched, a killed run continues from its last complete checkpoint, in its folder."""
+    # SimSiam: solo-learn keeps a functools.partial in its scheduler (see solo/checkpoints.py).
     argv = quick_args(
         *SMALL,
         "method=simsiam",
@@ -290,14 +273,34 @@ def test_killed_run_resumes_from_its_checkpoint(quick_args, tmp_path):
     )
     with pytest.raises(RuntimeError, match="killed"):
         launch.pretrain(argv, callbacks=[CrashAt(epoch=1, batch=1)])
-    (first,) = runs(tmp_path / "ckpt", "simsiam_transformer")
+    (run,) = runs(tmp_path / "ckpt", "simsiam_transformer")
+    (saved,) = run.glob("*-ep=0.ckpt")
+    # what a kill in the middle of a (non-atomic) write would have left: a torn newer file
+    torn = saved.with_name(saved.name.replace("ep=0", "ep=1"))
+    torn.write_bytes(saved.read_bytes()[:1000])
+    capsys.readouterr()
 
     probe = FirstStep()
     assert launch.pretrain(argv, callbacks=[probe]) == 0
     assert probe.seen == (1, 3)  # epoch 1 from global step 3: epoch 0's checkpoint was resumed
-    (resumed,) = set(runs(tmp_path / "ckpt", "simsiam_transformer")) - {first}
-    final = torch.load(next(resumed.glob("*.ckpt")), map_location="cpu", weights_only=True)
-    assert (final["epoch"], final["global_step"]) == (1, 6)
+    assert f"auto-resume: skipping {torn}: " in capsys.readouterr().err
+    assert runs(tmp_path / "ckpt", "simsiam_transformer") == [run]  # one folder, one history
+    checkpoint = torch.load(torn, map_location="cpu", weights_only=True)  # rewritten whole
+    assert (checkpoint["epoch"], checkpoint["global_step"]) == (1, 6)
+    with open(run / "metrics.csv", newline="") as fh:
+        epochs = {row["epoch"] for row in csv.DictReader(fh) if row.get("epoch")}
+    assert epochs == {"0", "1"}
+
+
+def test_a_checkpoint_that_runs_code_is_never_resumed(quick_args, tmp_path, capsys):
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "x": RunsAShellCommand(marker)}, evil)
+    argv = quick_args(*SMALL, f"++resume_from_checkpoint={evil}")
+    assert launch.pretrain(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: resume_from_checkpoint={evil}: refused")
+    assert not marker.exists()
 
 
 def test_dali_cpu_pipeline_trains_an_epoch(quick_args, tmp_path):

@@ -91,7 +91,12 @@ class PretrainedRun:
     cfg: DictConfig
 
     def load(self) -> BaseMethod:
-        return load_model(self.checkpoint, self.cfg, strict=True)
+        """The model, weights loaded strictly (``weights_only=True``: a file holding code, or
+        one cut short, is a :class:`UsageError`)."""
+        try:
+            return load_model(self.checkpoint, self.cfg, strict=True)
+        except ValueError as err:
+            raise UsageError(str(err)) from err
 
     @property
     def transformer_head(self) -> bool:
@@ -201,7 +206,7 @@ def run_linear(argv: Sequence[str]) -> dict[str, Any]:
 
     logdir = Path(cfg.checkpoint.dir) / "linear"
     ckpt_path, wandb_run_id = resume_checkpoint(cfg, logdir)
-    logger = make_logger(cfg, logdir, wandb_run_id, model)
+    logger = make_logger(cfg, logdir, wandb_run_id, model, resumed=ckpt_path)
     trainer = make_trainer(cfg, logger, checkpoint_callbacks(cfg, logdir))
     trainer.fit(model, ckpt_path=ckpt_path, **data)
     metrics = trainer.validate(model, dataloaders=val_loader, verbose=False)[0]

@@ -11,32 +11,30 @@ and trains ``<method>_<projector>``; with none, the recipe's ``projector`` (if a
 packaged recipes. What differs from ``main_pretrain``, each for a reason named where it is done:
 the CPU settings (:func:`prepare_hardware`), CIFAR kept as an ImageFolder
 (:mod:`solo_deepfusion.solo.data`), DALI without GPU (:mod:`solo_deepfusion.solo.dali`), resuming
-(:class:`ProjectorAutoResumer`, :class:`SoloCheckpointIO`) and the logger
+(:func:`resume_checkpoint`, :mod:`solo_deepfusion.solo.checkpoints`) and the logger
 (:func:`make_logger`). The building blocks are shared with :mod:`solo_deepfusion.solo.evaluate`.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import importlib.resources
 import inspect
 import os
 import re
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Any, ClassVar, NoReturn
+from typing import Any, NoReturn
 
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException, MissingConfigException
-from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
-from lightning.pytorch.plugins import TorchCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, OmegaConf
 from solo.args.pretrain import parse_cfg
@@ -46,6 +44,7 @@ from solo.utils.checkpointer import Checkpointer
 from solo.utils.misc import make_contiguous, omegaconf_select
 
 from solo_deepfusion.solo import base_method, register, variant_name
+from solo_deepfusion.solo.checkpoints import SoloCheckpointIO, find_resumable, unreadable
 from solo_deepfusion.solo.data import pretrain_loader, pretrain_val_loader, unpack_data_paths
 from solo_deepfusion.solo.model import build_model
 from solo_deepfusion.solo.monitor import collapse_monitor_from_cfg, fusion_monitor_from_cfg
@@ -59,16 +58,14 @@ _FP16_MIXED = {16, "16", "16-mixed"}
 __all__ = [
     "PACKAGED_CONFIGS",
     "RECIPES_DIR",
+    "RESUME_MATCH",
     "CommandParser",
-    "ProjectorAutoResumer",
-    "SoloCheckpointIO",
     "UsageError",
     "checkpoint_callbacks",
     "compose_config",
     "config_parser",
     "dali_module",
     "device_indices",
-    "drop_static_lr",
     "lightning_devices",
     "make_logger",
     "make_trainer",
@@ -294,100 +291,45 @@ def pretrain_config(argv: Sequence[str]) -> DictConfig:
 # Resuming, logging, the trainer
 
 
-@contextmanager
-def _class_attribute(cls: type, name: str, value: Any) -> Iterator[None]:
-    saved = getattr(cls, name)
-    setattr(cls, name, value)
-    try:
-        yield
-    finally:
-        setattr(cls, name, saved)
-
-
-class ProjectorAutoResumer(AutoResumer):
-    """solo-learn's AutoResumer that also requires the same ``projector`` config.
-
-    The method name already keeps MLP and transformer runs apart (``simclr`` vs
-    ``simclr_transformer``); this keeps, e.g., a depth-4 run from resuming a depth-10 one.
-    """
-
-    SHOULD_MATCH: ClassVar[list[str]] = [*AutoResumer.SHOULD_MATCH, "projector"]
-
-    def find_checkpoint(self, cfg: DictConfig) -> tuple[str | None, str | None]:
-        # solo-learn reads `AutoResumer.SHOULD_MATCH` by class name, not `self.SHOULD_MATCH`,
-        # so ours is swapped in for the duration of the call only.
-        with _class_attribute(AutoResumer, "SHOULD_MATCH", self.SHOULD_MATCH):
-            return super().find_checkpoint(cfg)
+# Keys a run's args.json must share with the relaunched command for auto-resume (solo-learn's,
+# plus the projector: a depth-4 head never resumes a depth-10 one).
+RESUME_MATCH = (*AutoResumer.SHOULD_MATCH, "projector")
 
 
 def resume_checkpoint(cfg: DictConfig, logdir: Path) -> tuple[str | None, str | None]:
-    """``(checkpoint to resume or None, its wandb run id)``, as main_pretrain decides it."""
+    """``(checkpoint to resume or None, its wandb run id)``, as main_pretrain decides it, but
+    only from complete checkpoints with their ``args.json`` (:func:`find_resumable`)."""
     if cfg.resume_from_checkpoint is not None:
         path = cfg.resume_from_checkpoint
         del cfg.resume_from_checkpoint  # as main_pretrain: not recorded in args.json
+        problem = unreadable(Path(path))
+        if problem is not None:
+            raise UsageError(f"resume_from_checkpoint={path}: {problem}")
         return path, None
     if not cfg.auto_resume.enabled:
         return None, None
-    resumer = ProjectorAutoResumer(checkpoint_dir=logdir, max_hours=cfg.auto_resume.max_hours)
-    path, run_id = resumer.find_checkpoint(cfg)
-    if path is not None:
-        print(f"Resuming from previous checkpoint that matches specifications: '{path}'")
-    return path, run_id
-
-
-def drop_static_lr(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    """Remove solo-learn's ``static_lr`` partials from the schedulers' saved state.
-
-    For parameter groups with ``static_lr`` (SimSiam's and NNSiam's predictor), solo-learn sets
-    ``scheduler.get_lr = partial(static_lr, get_lr=scheduler.get_lr, ...)``, an instance
-    attribute that lands in the scheduler's ``state_dict``. Saved, it needs
-    ``weights_only=False`` to load; loaded, its bound ``get_lr`` resolves to the partial itself,
-    and the first step after resuming dies in a ``RecursionError``. ``configure_optimizers``
-    rebuilds the partial on resume, so the saved one is never needed.
-    """
-    for state in checkpoint.get("lr_schedulers", []):
-        state.pop("get_lr", None)
-    return checkpoint
-
-
-class SoloCheckpointIO(TorchCheckpointIO):
-    """Saves and resumes solo-learn checkpoints, ``static_lr`` partials dropped both ways.
-
-    Checkpoints saved here load with ``weights_only=True``. Older ones (solo-learn's own
-    ``main_pretrain``) hold the partial, which torch >= 2.6's default ``weights_only=True``
-    refuses and Lightning 2.1's ``trainer.fit`` cannot override: they load with
-    ``weights_only=False``, as the files resumed are the run's own (auto-resume) or the user's
-    (``resume_from_checkpoint``).
-    """
-
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
-    ) -> None:
-        super().save_checkpoint(drop_static_lr(checkpoint), path, storage_options)
-
-    def load_checkpoint(
-        self,
-        path: str | Path,
-        map_location: Callable | None = lambda storage, loc: storage,
-        weights_only: bool | None = None,  # Lightning >= 2.4 passes it; None = not chosen
-    ) -> dict[str, Any]:
-        fs = get_filesystem(path)
-        if not fs.exists(path):
-            raise FileNotFoundError(f"Checkpoint file not found: {path}")
-        with fs.open(path, "rb") as f:
-            checkpoint = torch.load(f, map_location=map_location, weights_only=bool(weights_only))
-        return drop_static_lr(checkpoint)
+    path, run_id = find_resumable(logdir, cfg, RESUME_MATCH, cfg.auto_resume.max_hours)
+    if path is None:
+        return None, None
+    print(f"Resuming from previous checkpoint that matches specifications: '{path}'")
+    return str(path), run_id
 
 
 def make_logger(
-    cfg: DictConfig, logdir: Path, wandb_run_id: str | None, model: LightningModule
+    cfg: DictConfig,
+    logdir: Path,
+    wandb_run_id: str | None,
+    model: LightningModule,
+    resumed: str | None = None,
 ) -> Logger:
     """wandb when the recipe enables it (watching ``model``, as solo-learn's mains), else a CSV
     log in the run's checkpoint folder.
 
     With no logger, Lightning would start its default one in ``./lightning_logs``; the CSV
     log's version is the folder name solo-learn's Checkpointer gives offline runs, so metrics,
-    ``args.json`` and the checkpoint share ``<checkpoint.dir>/<method>/<version>/``.
+    ``args.json`` and the checkpoint share ``<checkpoint.dir>/<method>/<version>/``. A run
+    that resumes a checkpoint of ``<logdir>/<version>/`` (``resumed``) keeps that folder, and
+    its ``metrics.csv`` continues the old one.
     """
     if cfg.wandb.enabled:
         logger = WandbLogger(
@@ -400,6 +342,13 @@ def make_logger(
         )
         logger.watch(model, log="gradients", log_freq=100)
         logger.log_hyperparams(OmegaConf.to_container(cfg))
+        return logger
+    if resumed is not None and Path(resumed).resolve().parent.parent == logdir.resolve():
+        logger = CSVLogger(logdir.parent, name=logdir.name, version=Path(resumed).parent.name)
+        metrics = Path(logger.log_dir) / "metrics.csv"
+        if metrics.is_file():  # keep the old rows: the writer rewrites with the union header
+            with open(metrics, newline="") as fh:
+                logger.experiment.metrics_keys = next(csv.reader(fh), [])
         return logger
     taken = set(os.listdir(logdir)) if logdir.is_dir() else set()
     version = "offline-" + Checkpointer.random_string()
@@ -491,7 +440,7 @@ def run_pretrain(argv: Sequence[str], callbacks: Sequence[Callback] = ()) -> Tra
 
     logdir = Path(cfg.checkpoint.dir) / cfg.method
     ckpt_path, wandb_run_id = resume_checkpoint(cfg, logdir)
-    logger = make_logger(cfg, logdir, wandb_run_id, model)
+    logger = make_logger(cfg, logdir, wandb_run_id, model, resumed=ckpt_path)
     trainer = make_trainer(cfg, logger, [*checkpoint_callbacks(cfg, logdir), *callbacks])
     trainer.fit(model, ckpt_path=ckpt_path, **data)
     return trainer

@@ -13,6 +13,7 @@ from solo.utils.momentum import initialize_momentum_params
 
 from solo_deepfusion.heads.transformer import check_choice
 from solo_deepfusion.hub.backbones import RESNET_STEMS, set_resnet_stem
+from solo_deepfusion.solo.checkpoints import read_checkpoint
 
 STEMS = ("auto", *RESNET_STEMS)
 
@@ -52,11 +53,10 @@ def build_model(cfg: DictConfig) -> BaseMethod:
 def load_model(ckpt_path: str | Path, cfg: DictConfig, *, strict: bool = True) -> BaseMethod:
     """Rebuild the model of ``cfg`` and load a Lightning checkpoint's weights into it.
 
-    Lightning checkpoints also hold optimizer and scheduler state, which for SimSiam/NNSiam
-    includes a ``functools.partial`` that torch >= 2.6's ``weights_only`` loader refuses; only
-    load checkpoints you trust (the zoo ships weights as safetensors instead).
+    The file is read with ``weights_only=True`` (:func:`~solo_deepfusion.solo.checkpoints.
+    read_checkpoint`): a checkpoint that holds code is refused with a ``ValueError``.
     """
     model = build_model(cfg)
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    checkpoint = read_checkpoint(ckpt_path)
     model.load_state_dict(checkpoint["state_dict"], strict=strict)
     return model

@@ -90,8 +90,8 @@ def export_checkpoint(
     ``stem``, ``params`` and ``code_commit`` (when this package is a git checkout). Each file is
     written atomically; returns the backbone, full and args paths.
 
-    Only export checkpoints you trust: the ``.ckpt`` is a pickle (see ``load_model`` in
-    :mod:`solo_deepfusion.solo.model`).
+    The ``.ckpt`` is read with ``weights_only=True`` (see ``load_model`` in
+    :mod:`solo_deepfusion.solo.model`): one that holds code is refused.
     """
     cfg = read_args(Path(args_json))
     model = load_run(ckpt_path, cfg, strict=True)

@@ -1,0 +1,221 @@
+"""Reading and writing Lightning checkpoints of solo-learn runs, without running pickled code.
+
+>>> checkpoint = read_checkpoint("trained_models/simsiam/abcd1234/x-ep=4.ckpt")
+>>> model.load_state_dict(checkpoint["state_dict"])
+
+Every load is ``torch.load(weights_only=True)``: tensors and plain containers only, so a
+``.ckpt`` handed over by someone else cannot run code. One thing beyond that is needed for
+solo-learn's own checkpoints: for parameter groups with ``static_lr`` (SimSiam's and NNSiam's
+predictor) solo-learn sets ``scheduler.get_lr = partial(static_lr, get_lr=scheduler.get_lr,
+...)``, an instance attribute saved with the scheduler's state. The few globals that partial
+pickles (``functools.partial``, ``getattr``, the scheduler and optimizer classes) are read as
+inert stand-ins (:class:`Dropped`) that call nothing, and the partial is then removed
+(:func:`drop_static_lr`): ``configure_optimizers`` rebuilds it on resume. A stand-in found
+anywhere else means the file holds objects this loader does not know: it is refused.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import pickle
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from omegaconf import DictConfig, OmegaConf
+from solo.utils.misc import omegaconf_select
+
+from solo_deepfusion.atomic import atomic_path
+
+
+class Dropped:
+    """An inert stand-in for an object solo-learn pickled that a resume rebuilds anyway."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        del args, kwargs
+
+    def __setstate__(self, state: Any) -> None:
+        del state
+
+
+def _dropped(*args: Any, **kwargs: Any) -> Dropped:
+    return Dropped()
+
+
+def _plain_dict(*args: Any) -> collections.OrderedDict:
+    """A ``defaultdict`` read as a dict: its items are kept, its default factory is not."""
+    del args
+    return collections.OrderedDict()
+
+
+# What solo-learn's static_lr partial pickles, each read as an inert stand-in.
+STATIC_LR_GLOBALS: list[tuple[Callable[..., Any], str]] = [
+    (Dropped, "functools.partial"),
+    (_dropped, "builtins.getattr"),
+    (_dropped, "solo.methods.base.static_lr"),
+    (Dropped, "solo.utils.lr_scheduler.LinearWarmupCosineAnnealingLR"),
+    (Dropped, "torch.optim.lr_scheduler.MultiStepLR"),
+    (Dropped, "solo.utils.lars.LARS"),
+    (Dropped, "torch.optim.sgd.SGD"),
+    (Dropped, "torch.optim.adam.Adam"),
+    (Dropped, "torch.optim.adamw.AdamW"),
+    (_plain_dict, "collections.defaultdict"),
+    dict,
+]
+_UNSUPPORTED = re.compile(r"GLOBAL ([\w.]+)")  # torch names the global it refused
+
+
+def drop_static_lr(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """Remove solo-learn's ``static_lr`` partials from the schedulers' saved state.
+
+    Loaded, a partial's bound ``get_lr`` would resolve to the partial itself and the first step
+    after resuming would die in a ``RecursionError``; ``configure_optimizers`` rebuilds it.
+    """
+    for state in checkpoint.get("lr_schedulers", []):
+        state.pop("get_lr", None)
+    return checkpoint
+
+
+def _holds_dropped(obj: Any) -> bool:
+    if isinstance(obj, Dropped):
+        return True
+    if isinstance(obj, dict):
+        return any(_holds_dropped(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return any(_holds_dropped(v) for v in obj)
+    return False
+
+
+def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """A checkpoint's dict, read with ``weights_only=True`` (``ValueError`` names the file).
+
+    solo-learn's ``static_lr`` partials are dropped; any other pickled object is refused.
+    """
+    try:
+        with open(path, "rb") as fh, torch.serialization.safe_globals(STATIC_LR_GLOBALS):
+            checkpoint = torch.load(fh, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = _UNSUPPORTED.search(str(err))
+        if found is None:  # not a pickle at all
+            raise ValueError(f"{path} is not a readable checkpoint (no pickle)") from err
+        raise ValueError(f"{path}: refused, it holds more than weights ({found[1]})") from err
+    except (RuntimeError, EOFError) as err:  # not a zip archive, truncated, ...
+        raise ValueError(f"{path} is not a readable checkpoint: {err}") from err
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
+    drop_static_lr(checkpoint)
+    if _holds_dropped(checkpoint):
+        raise ValueError(f"{path}: refused, it holds pickled objects other than weights")
+    return checkpoint
+
+
+class SoloCheckpointIO(TorchCheckpointIO):
+    """Saves solo-learn checkpoints atomically and reads them with :func:`read_checkpoint`
+    (``weights_only=True``); ``static_lr`` partials are dropped both ways."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
+    ) -> None:
+        """Local files are written to a temporary file and renamed: a kill leaves no torn file."""
+        checkpoint = drop_static_lr(checkpoint)
+        if "://" in str(path):  # remote storage: Lightning's own writer
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        with atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)
+
+    def load_checkpoint(
+        self,
+        path: str | Path,
+        map_location: Callable | None = lambda storage, loc: storage,
+        weights_only: bool | None = None,  # Lightning >= 2.4 passes it; always True here
+    ) -> dict[str, Any]:
+        del weights_only
+        if not get_filesystem(path).exists(path):
+            raise FileNotFoundError(f"Checkpoint file not found: {path}")
+        return read_checkpoint(path, map_location)
+
+
+# ---------------------------------------------------------------------------------------------
+# Which checkpoint a relaunched run resumes
+
+_EPOCH = re.compile(r"-ep=(\d+)\.ckpt$")
+
+
+def checkpoint_epoch(path: Path) -> int:
+    """The epoch in a Checkpointer file name (``<name>-<version>-ep=<N>.ckpt``), else -1."""
+    match = _EPOCH.search(path.name)
+    return int(match[1]) if match else -1
+
+
+def unreadable(path: Path) -> str | None:
+    """Why ``path`` cannot be resumed from (``None``: it can), without running any of it.
+
+    The whole file is read as :func:`read_checkpoint` reads it, so a file cut short by a kill,
+    a corrupted one and one holding code are all caught before Lightning opens it.
+    """
+    try:
+        read_checkpoint(path)
+    except (ValueError, OSError) as err:
+        return str(err).removeprefix(f"{path}: ").removeprefix(f"{path} ")
+    return None
+
+
+def _notice(message: str) -> None:
+    print(f"auto-resume: {message}", file=sys.stderr)
+
+
+def _run_args(folder: Path) -> dict[str, Any] | None:
+    try:
+        args = json.loads((folder / "args.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return args if isinstance(args, dict) else None
+
+
+def find_resumable(
+    logdir: Path, cfg: DictConfig, should_match: Sequence[str], max_hours: float
+) -> tuple[Path | None, str | None]:
+    """``(checkpoint, wandb run id)`` a relaunch of ``cfg`` resumes, or ``(None, None)``.
+
+    Among the run folders ``<logdir>/<version>/`` whose ``args.json`` agrees with ``cfg`` on
+    every key of ``should_match``, the newest complete checkpoint (by epoch, then by time,
+    within ``max_hours``) wins. Checkpoints cut short or corrupted, and checkpoints without a
+    readable ``args.json`` beside them, are skipped with a one-line notice, never loaded.
+    """
+    if not logdir.is_dir():
+        return None, None
+    oldest = time.time() - max_hours * 3600
+    found: list[tuple[float, Path, dict[str, Any]]] = []
+    for folder in sorted(p for p in logdir.iterdir() if p.is_dir()):
+        checkpoints = sorted(folder.glob("*.ckpt"), key=checkpoint_epoch, reverse=True)
+        if not checkpoints:
+            continue
+        args = _run_args(folder)
+        if args is None:
+            _notice(f"skipping {folder}: no readable args.json beside its checkpoints")
+            continue
+        if any(
+            omegaconf_select(OmegaConf.create(args), key, None) != omegaconf_select(cfg, key, None)
+            for key in should_match
+        ):
+            continue
+        for ckpt in checkpoints:
+            problem = unreadable(ckpt)
+            if problem is not None:
+                _notice(f"skipping {ckpt}: {problem}")
+                continue
+            if ckpt.stat().st_mtime >= oldest:
+                found.append((ckpt.stat().st_mtime, ckpt, args))
+            break
+    if not found:
+        return None, None
+    _, ckpt, args = max(found, key=lambda item: item[0])
+    return ckpt, args.get("wandb_run_id")
