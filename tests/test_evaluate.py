@@ -165,3 +165,10 @@ def test_tools_refuse_a_checkpoint_that_would_run_code(pretrained, cifar_tiny, t
         err = capsys.readouterr().err.strip().splitlines()
         assert "refused, it holds more than weights" in err[-1], name
     assert not marker.exists()
+
+
+def test_knn_refuses_a_missing_train_path_instead_of_downloading(pretrained, tmp_path, capsys):
+    missing = tmp_path / "no" / "train"
+    assert knn(["--checkpoint-dir", str(pretrained), "--train-path", str(missing)]) == 2
+    assert f"error: --train-path={missing} does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "no").exists()

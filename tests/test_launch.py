@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -395,3 +396,41 @@ def test_stock_cifar_recipe_with_transformer_head(recipe, cifar_tiny, tmp_path):
     trainer = launch.run_pretrain(argv)
     assert trainer.global_step == 2
     assert runs(tmp_path, f"{method}_transformer")
+
+
+def test_a_data_path_typo_is_refused_and_nothing_is_downloaded(quick_args, tmp_path, capsys):
+    missing = tmp_path / "nonexistent" / "cifar"
+    argv = quick_args(f"data.train_path={missing}/train")
+    assert launch.pretrain(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: data.train_path={missing}/train does not exist: no cifar10")
+    assert "++data.download=true" in err
+    assert not (tmp_path / "nonexistent").exists()
+    # opting in hands the path to torchvision, as solo-learn does
+    cfg = launch.pretrain_config([*argv, "++data.download=true"])
+    assert cfg.data.train_path == f"{missing}/train"
+
+
+def test_images_without_class_folders_are_refused(quick_args, cifar_tiny, tmp_path, capsys):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for image in list((cifar_tiny / "train").glob("*/*.jpg"))[:4]:
+        (flat / image.name).write_bytes(image.read_bytes())
+    assert launch.pretrain(quick_args(f"data.train_path={flat}")) == 2
+    assert "holds no class sub-folders" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("content", "workers"), [(b"", 0), (b"GIF89a not really", 0), (b"\xff\xd8\xff\xe0", 1)]
+)
+def test_an_unreadable_image_is_a_one_line_error(
+    quick_args, cifar_tiny, tmp_path, capsys, content, workers
+):
+    train = tmp_path / "train"
+    shutil.copytree(cifar_tiny / "train", train)
+    bad = next(train.glob("airplane/*.jpg"))
+    bad.write_bytes(content)
+    argv = quick_args(*SMALL, f"data.train_path={train}", f"data.num_workers={workers}")
+    assert launch.pretrain(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: {bad} is not a readable image (")

@@ -51,6 +51,7 @@ from solo_deepfusion.fusion import (
     plot_fusion_ratio,
     summarize,
 )
+from solo_deepfusion.solo.data import BadImageError, guard_images
 from solo_deepfusion.solo.model import load_model
 from solo_deepfusion.solo.monitor import (
     FUSION_LOG,
@@ -280,7 +281,7 @@ def analyse_checkpoint(
     out = Path(out_dir)
     model, cfg, ckpt = load_run(checkpoint)
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dataset = ImageFolder(str(data), transform=eval_transform(cfg))
+    dataset = guard_images(ImageFolder(str(data), transform=eval_transform(cfg)))
     if len(dataset) < 2:
         raise ValueError(f"{data}: need at least 2 images, found {len(dataset)}")
     targets = torch.as_tensor(dataset.targets)
@@ -396,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             num_workers=args.workers,
         )
+    except BadImageError as err:
+        print(f"error: {err.one_line()}", file=sys.stderr)
+        return 2
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -35,17 +35,26 @@ from solo.data.pretrain_dataloader import (
 )
 from solo.data.pretrain_dataloader import prepare_datasets as pretrain_datasets
 from torch.utils.data import DataLoader, Dataset
-from torchvision.datasets import CIFAR10, CIFAR100
+from torchvision.datasets import CIFAR10, CIFAR100, STL10, DatasetFolder
+from torchvision.datasets.folder import default_loader
 
 from solo_deepfusion.hub.cache import resolve_cache_dir
 
 CIFAR = ("cifar10", "cifar100")
 # What torchvision's CIFAR root holds: never mistaken for a class folder.
 _TORCHVISION_CIFAR_DIRS = {CIFAR10.base_folder, CIFAR100.base_folder}
+# Datasets solo-learn reads through torchvision with download=True, and the folder it unpacks.
+TORCHVISION_LAYOUT = {
+    "cifar10": CIFAR10.base_folder,
+    "cifar100": CIFAR100.base_folder,
+    "stl10": STL10.base_folder,
+}
 
 __all__ = [
     "CIFAR",
+    "BadImageError",
     "builder_dataset",
+    "check_local_data",
     "classification_loaders",
     "eval_datasets",
     "is_cifar_folder",
@@ -98,12 +107,57 @@ def _unpack(archive: Path, root: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def check_local_data(dataset: str, path: str | os.PathLike | None, field: str) -> None:
+    """Refuse a path where solo-learn would make torchvision download ``dataset``.
+
+    For CIFAR and STL-10 solo-learn calls torchvision with ``download=True``: a typo in the path
+    would silently fetch (and train on) other data. A folder of class sub-folders, or
+    torchvision's own layout already there, is fine; anything else is a ``ValueError`` naming
+    ``field``, unless the user opted in with ``data.download=true``.
+    """
+    if dataset not in TORCHVISION_LAYOUT or path is None or is_image_folder(path):
+        return
+    if (Path(path) / TORCHVISION_LAYOUT[dataset]).is_dir():
+        return
+    why = "does not exist" if not Path(path).exists() else "holds no class sub-folders"
+    raise ValueError(
+        f"{field}={path} {why}: no {dataset} there (class folders or torchvision's "
+        f"{TORCHVISION_LAYOUT[dataset]}/); to let torchvision download it, add ++data.download=true"
+    )
+
+
 def unpack_data_paths(cfg: DictConfig) -> DictConfig:
-    """Apply :func:`unpacked` to ``data.train_path`` and ``data.val_path``."""
+    """Apply :func:`unpacked` to ``data.train_path`` and ``data.val_path``, then
+    :func:`check_local_data` (skipped with ``data.download=true``)."""
     for key in ("train_path", "val_path"):
         if key in cfg.data:
             cfg.data[key] = unpacked(cfg.data[key])
+            if not cfg.data.get("download", False):
+                check_local_data(cfg.data.dataset, cfg.data[key], f"data.{key}")
     return cfg
+
+
+class BadImageError(ValueError):
+    """A file of an image folder that PIL cannot read (empty, truncated, not an image)."""
+
+    def one_line(self) -> str:
+        """The message, also when a DataLoader worker wrapped it in its traceback."""
+        return str(self).strip().splitlines()[-1].removeprefix(f"{__name__}.BadImageError: ")
+
+
+def checked_image_loader(path: str):
+    """``ImageFolder``'s loader, with a :class:`BadImageError` naming the file it cannot read."""
+    try:
+        return default_loader(path)
+    except (OSError, ValueError, SyntaxError) as err:  # PIL's UnidentifiedImageError: OSError
+        raise BadImageError(f"{path} is not a readable image ({err})") from None
+
+
+def guard_images(dataset: Dataset) -> Dataset:
+    """Give an image folder dataset :func:`checked_image_loader`; others are left as they are."""
+    if isinstance(dataset, DatasetFolder):
+        dataset.loader = checked_image_loader
+    return dataset
 
 
 def is_image_folder(path: str | os.PathLike | None) -> bool:
@@ -148,7 +202,7 @@ def pretrain_loader(cfg: DictConfig) -> DataLoader:
         data_fraction=cfg.data.fraction,
     )
     return prepare_dataloader(
-        dataset, batch_size=cfg.optimizer.batch_size, num_workers=cfg.data.num_workers
+        guard_images(dataset), batch_size=cfg.optimizer.batch_size, num_workers=cfg.data.num_workers
     )
 
 
@@ -163,7 +217,7 @@ def classification_loaders(
     data_format = data_format or cfg.data.format
     common = {"batch_size": cfg.optimizer.batch_size, "num_workers": cfg.data.num_workers}
     if not is_cifar_folder(cfg.data.dataset, cfg.data.train_path):
-        return prepare_data(
+        loaders = prepare_data(
             cfg.data.dataset,
             train_data_path=cfg.data.train_path,
             val_data_path=cfg.data.val_path,
@@ -172,6 +226,9 @@ def classification_loaders(
             auto_augment=auto_augment,
             **common,
         )
+        for loader in loaders:
+            guard_images(loader.dataset)
+        return loaders
     if auto_augment:
         raise ValueError("auto_augment is a 224 px pipeline; it does not apply to 32 px CIFAR")
     train_transform, val_transform = classification_transforms(cfg.data.dataset)
@@ -184,7 +241,7 @@ def classification_loaders(
         data_format=data_format,
         data_fraction=cfg.data.fraction,
     )
-    return prepare_dataloaders(train, val, **common)
+    return prepare_dataloaders(guard_images(train), guard_images(val), **common)
 
 
 def pretrain_val_loader(cfg: DictConfig) -> DataLoader | None:
@@ -209,7 +266,7 @@ def eval_datasets(
 ) -> tuple[Dataset, Dataset]:
     """Train and validation sets, both with the validation transform (feature extraction)."""
     _, val_transform = classification_transforms(dataset)
-    return classification_datasets(
+    train, val = classification_datasets(
         builder_dataset(dataset, train_path),
         val_transform,
         val_transform,
@@ -217,3 +274,4 @@ def eval_datasets(
         val_data_path=val_path,
         data_format=data_format,
     )
+    return guard_images(train), guard_images(val)

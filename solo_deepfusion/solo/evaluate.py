@@ -21,7 +21,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import sys
 from argparse import Namespace
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from solo_deepfusion.atomic import write_json
 from solo_deepfusion.solo.data import (
+    check_local_data,
     classification_loaders,
     eval_datasets,
     unpack_data_paths,
@@ -55,6 +55,7 @@ from solo_deepfusion.solo.launch import (
     compose_config,
     config_parser,
     dali_module,
+    exit_status,
     make_logger,
     make_trainer,
     parse_config_args,
@@ -148,7 +149,11 @@ def linear_config(argv: Sequence[str]) -> tuple[DictConfig, PretrainedRun, Path 
     # The run decides the backbone (name, kwargs, stem); a recipe's backbone keys are replaced.
     cfg.backbone = run.cfg.backbone
     cfg.pretrain_method = run.cfg.method
-    return parse_cfg(prepare_hardware(unpack_data_paths(cfg))), run, args.output_json
+    try:
+        cfg = unpack_data_paths(cfg)
+    except ValueError as err:  # a data path where torchvision would download
+        raise UsageError(str(err)) from err
+    return parse_cfg(prepare_hardware(cfg)), run, args.output_json
 
 
 def _loss_and_mixup(cfg: DictConfig) -> tuple[nn.Module, Mixup | None]:
@@ -230,12 +235,7 @@ def run_linear(argv: Sequence[str]) -> dict[str, Any]:
 
 def linear(argv: Sequence[str]) -> int:
     """``solo-deepfusion linear``; returns the exit status (2: bad command line or recipe)."""
-    try:
-        run_linear(argv)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(lambda: run_linear(argv))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,6 +355,11 @@ def run_knn(argv: Sequence[str]) -> dict[str, Any]:
     val_path = unpacked(args.val_path or data.val_path)
     if val_path is None:
         raise UsageError("the run has no data.val_path: give --val-path")
+    try:
+        check_local_data(dataset, train_path, "--train-path")
+        check_local_data(dataset, val_path, "--val-path")
+    except ValueError as err:
+        raise UsageError(str(err)) from err
     device = _device(args.device)
 
     model = run.load().to(device)
@@ -419,9 +424,4 @@ def _print_knn(results: dict[str, Any]) -> None:
 
 def knn(argv: Sequence[str]) -> int:
     """``solo-deepfusion knn``; returns the exit status (2: bad command line)."""
-    try:
-        run_knn(argv)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(lambda: run_knn(argv))

@@ -24,7 +24,7 @@ import inspect
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any, NoReturn
@@ -45,7 +45,12 @@ from solo.utils.misc import make_contiguous, omegaconf_select
 
 from solo_deepfusion.solo import base_method, register, variant_name
 from solo_deepfusion.solo.checkpoints import SoloCheckpointIO, find_resumable, unreadable
-from solo_deepfusion.solo.data import pretrain_loader, pretrain_val_loader, unpack_data_paths
+from solo_deepfusion.solo.data import (
+    BadImageError,
+    pretrain_loader,
+    pretrain_val_loader,
+    unpack_data_paths,
+)
 from solo_deepfusion.solo.model import build_model
 from solo_deepfusion.solo.monitor import collapse_monitor_from_cfg, fusion_monitor_from_cfg
 
@@ -66,6 +71,7 @@ __all__ = [
     "config_parser",
     "dali_module",
     "device_indices",
+    "exit_status",
     "lightning_devices",
     "make_logger",
     "make_trainer",
@@ -279,7 +285,11 @@ def pretrain_config(argv: Sequence[str]) -> DictConfig:
         config_parser("solo-deepfusion pretrain"), rewrite_projector_args(argv)
     )
     cfg = compose_config(args.config_dir, args.config_name, overrides)
-    cfg = parse_cfg(prepare_hardware(unpack_data_paths(cfg)))
+    try:
+        cfg = unpack_data_paths(cfg)
+    except ValueError as err:  # a data path where torchvision would download
+        raise UsageError(str(err)) from err
+    cfg = parse_cfg(prepare_hardware(cfg))
     select_variant(cfg)
     # main_pretrain's crop rule, on the stock name: W-MSE and MAE take any number of crops.
     if cfg.data.num_large_crops != 2 and base_method(cfg.method) not in ("wmse", "mae"):
@@ -446,14 +456,23 @@ def run_pretrain(argv: Sequence[str], callbacks: Sequence[Callback] = ()) -> Tra
     return trainer
 
 
-def pretrain(argv: Sequence[str], callbacks: Sequence[Callback] = ()) -> int:
-    """``solo-deepfusion pretrain``; returns the exit status (2: bad command line or recipe)."""
+def exit_status(command: Callable[[], Any]) -> int:
+    """Run ``command``: 0, or 2 with a one-line ``error:`` for bad input (a
+    :class:`UsageError`, or an image the data cannot be read from), 1 if it was interrupted."""
     try:
-        trainer = run_pretrain(argv, callbacks)
+        result = command()
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 1 if trainer.interrupted else 0
+    except BadImageError as err:
+        print(f"error: {err.one_line()}", file=sys.stderr)
+        return 2
+    return 1 if isinstance(result, Trainer) and result.interrupted else 0
+
+
+def pretrain(argv: Sequence[str], callbacks: Sequence[Callback] = ()) -> int:
+    """``solo-deepfusion pretrain``; returns the exit status (2: bad command line or recipe)."""
+    return exit_status(lambda: run_pretrain(argv, callbacks))
 
 
 if __name__ == "__main__":  # `python -m solo_deepfusion.solo.launch`; Lightning's DDP re-runs it
