@@ -172,3 +172,17 @@ def test_knn_refuses_a_missing_train_path_instead_of_downloading(pretrained, tmp
     assert knn(["--checkpoint-dir", str(pretrained), "--train-path", str(missing)]) == 2
     assert f"error: --train-path={missing} does not exist" in capsys.readouterr().err
     assert not (tmp_path / "no").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--k", "0"], "argument --k: must be > 0, got 0"),
+        (["--temperature", "0"], "argument --temperature: must be > 0, got 0"),
+        (["--temperature", "-1"], "argument --temperature: must be > 0, got -1"),
+        (["--batch-size", "0"], "argument --batch-size/--batch_size: must be > 0, got 0"),
+    ],
+)
+def test_knn_settings_that_mean_nothing_are_usage_errors(tmp_path, capsys, option, message):
+    assert knn(["--checkpoint-dir", str(tmp_path), *option]) == 2
+    assert capsys.readouterr().err.strip() == f"error: solo-deepfusion knn: {message}"

@@ -281,6 +281,7 @@ def test_forward_flops_count_attention_quadratically():
         ({"activation": "tanh"}, r"activation='tanh'"),
         ({"dropout": 1.5}, r"dropout must be in \[0, 1\)"),
         ({"qk_norm": "yes"}, r"qk_norm='yes'.*\[False, True\]"),
+        ({"ffn_dim": 0}, r"ffn_dim must be a positive integer, got 0"),
         ({"input_norm": 1}, r"input_norm=1.*\[False, True\]"),
     ],
 )
@@ -364,3 +365,19 @@ def test_two_gloo_processes_match_one_process_over_the_concatenated_batch(mask, 
         torch.testing.assert_close(results[rank][1], grad_by_rank[rank], rtol=1e-5, atol=1e-5)
     for name, param in head.named_parameters():
         torch.testing.assert_close(results[0][2][name], param.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_low_precision_input_to_a_float32_head_names_both_dtypes(dtype):
+    head = tiny_head()
+    with pytest.raises(ValueError, match=rf"x is {dtype} but the head's weights are torch.float32"):
+        head(torch.randn(6, 24, dtype=dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts for the head: fine
+        assert head(torch.randn(6, 24, dtype=dtype)).isfinite().all()
+
+
+def test_finite_inputs_that_overflow_inside_the_head_are_an_error_not_nan():
+    head = tiny_head()
+    with pytest.raises(ValueError, match=r"output is not finite: inputs up to \|x\| = 1e\+30"):
+        head(torch.full((6, 24), 1e30))
+    assert head(1e6 * torch.randn(6, 24)).isfinite().all()

@@ -159,9 +159,16 @@ def test_unknown_projector_lists_the_choices(capsys):
         ("projector.qk_norm=maybe", "qk_norm='maybe' is not supported; choose one of"),
         ("projector.input_norm=2", "input_norm=2 is not supported; choose one of"),
         ("projector.heads=3", "dim=256 must be divisible by heads=3"),
+        ("+projector.depht=3", "unknown projector field(s) ['depht']"),
+        ("projector.preset=huge", "preset='huge' is not supported; choose one of"),
+        ("projector.mask=bogus", "mask='bogus' is not supported; choose one of"),
+        ("projector.dropout=1.5", "dropout must be in [0, 1), got 1.5"),
+        ("projector.depth=-1", "depth must be >= 0, got -1"),
+        ("projector.ffn_dim=0", "ffn_dim must be a positive integer, got 0"),
     ],
 )
 def test_bad_head_fields_are_one_line_usage_errors(field, message, capsys, tmp_path):
+    (tmp_path / "class_a").mkdir()  # an image folder: the data check passes, the model fails
     argv = ["--config-name", "cifar10_quick", "--projector", "transformer", field]
     argv += [f"data.train_path={tmp_path}", "data.val_path=null"]
     assert launch.pretrain(argv) == 2
@@ -434,3 +441,12 @@ def test_an_unreadable_image_is_a_one_line_error(
     assert launch.pretrain(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"error: {bad} is not a readable image (")
+
+
+def test_a_batch_larger_than_the_data_is_refused(quick_args, capsys):
+    assert launch.pretrain(quick_args(*SMALL, "optimizer.batch_size=81")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (
+        "error: optimizer.batch_size=81 is larger than the training set (80 images): "
+        "not one batch to train on"
+    )

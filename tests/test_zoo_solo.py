@@ -260,6 +260,14 @@ def test_fusion_analysis_takes_a_zoo_name(run, zoo, tmp_path, monkeypatch):
     assert len(result["fusion_ratio"]) == 2  # the depth of SMALL
     assert (tmp_path / "out" / "heatmaps.png").is_file()
 
+    # the command line, without --out: ./fusion/<entry>, not the download cache
+    from solo_deepfusion.solo.analysis import main as fusion
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["--checkpoint", NAME, "--data", str(tmp_path / "data"), "--batch-size", "8"]
+    assert fusion([*argv, "--eval-batch-sizes", "4"]) == 0
+    assert (tmp_path / "fusion" / NAME / "fusion.json").is_file()
+
 
 def tampered_zoo(zoo: Path, role: str, data: bytes, folder: Path) -> Path:
     """A copy of ``zoo`` whose ``role`` file is ``data``, its size and hash updated to match."""

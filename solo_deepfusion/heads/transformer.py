@@ -186,7 +186,8 @@ class TransformerProjector(nn.Module):
         mask: ``"none"``, ``"self"`` (no attention to itself) or ``"positives"`` (nor to the
             other views of its own sample).
         gather_distributed: under ``torch.distributed``, attend over the global batch.
-        check_inputs: validate shapes and finiteness on every call (one host sync on GPU).
+        check_inputs: validate shapes, dtype and finiteness of inputs and outputs on every
+            call (two host syncs on GPU).
         tail: optional module applied to the output, e.g. a method's final ``BatchNorm1d``.
     """
 
@@ -217,7 +218,8 @@ class TransformerProjector(nn.Module):
         check_choice("mask", mask, MASKS)
         check_flag("input_norm", input_norm)
         check_flag("qk_norm", qk_norm)
-        for field, value in (("in_dim", in_dim), ("out_dim", out_dim), ("dim", dim)):
+        dims = (("in_dim", in_dim), ("out_dim", out_dim), ("dim", dim), ("ffn_dim", ffn_dim))
+        for field, value in dims:
             if value < 1:
                 raise ValueError(f"{field} must be a positive integer, got {value}")
         if heads < 1 or dim % heads:
@@ -254,6 +256,12 @@ class TransformerProjector(nn.Module):
         samples = x.shape[0] * world_size // (num_views if self.mask == "positives" else 1)
         if self.mask != "none" and samples < 2:
             raise ValueError(f"mask={self.mask!r} needs at least 2 samples: every key is masked")
+        weight = self.in_proj.weight
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(
+                f"x is {x.dtype} but the head's weights are {weight.dtype}: cast one to the "
+                "other, or run the head under torch.autocast"
+            )
         if not torch.isfinite(x).all():
             raise ValueError("x contains NaN or Inf values")
 
@@ -270,4 +278,9 @@ class TransformerProjector(nn.Module):
             h, weights = block(h, allowed, return_attention)
             maps.append(weights)
         out = self.tail(self.out_proj(self.final_norm(h)))
+        if self.check_inputs and not torch.isfinite(out).all():
+            raise ValueError(
+                f"the head's output is not finite: inputs up to |x| = {x.abs().max().item():.3g} "
+                f"overflow {h.dtype} inside it; normalise or rescale the features"
+            )
         return (out, maps) if return_attention else out

@@ -260,7 +260,7 @@ def analyse_checkpoint(
     *,
     batch_size: int = 256,
     per_head: bool = False,
-    out_dir: str | os.PathLike,
+    out_dir: str | os.PathLike | None = None,
     num_views: int = 1,
     eval_batch_sizes: Sequence[int] = EVAL_BATCH_SIZES,
     seed: int = 0,
@@ -278,8 +278,8 @@ def analyse_checkpoint(
     """
     if batch_size < 2 or num_views < 1 or any(size < 2 for size in eval_batch_sizes):
         raise ValueError("batch_size and eval_batch_sizes must be >= 2, num_views >= 1")
-    out = Path(out_dir)
     model, cfg, ckpt = load_run(checkpoint)
+    out = Path(out_dir) if out_dir is not None else default_out_dir(checkpoint, ckpt)
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dataset = guard_images(ImageFolder(str(data), transform=eval_transform(cfg)))
     if len(dataset) < 2:
@@ -359,7 +359,9 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=256, help="images in the attention batch")
     p.add_argument("--per-head", action="store_true", help="one heat map per head")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: <run>/fusion)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="default: <run>/fusion, ./fusion/<zoo entry>"
+    )
     p.add_argument("--num-views", type=int, default=1, help="identical views per image")
     p.add_argument(
         "--eval-batch-sizes",
@@ -375,6 +377,13 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def default_out_dir(checkpoint: str | os.PathLike, weights: Path) -> Path:
+    """``<run>/fusion`` for a run's checkpoint; ``./fusion/<entry>`` for a zoo entry."""
+    if weights.suffix == ".safetensors":  # a zoo entry: never write into the download cache
+        return Path("fusion") / str(checkpoint)
+    return weights.parent / "fusion"
+
+
 def main(argv: list[str] | None = None) -> int:
     """``solo-deepfusion fusion``; returns 0, or 2 for bad arguments or inputs."""
     args = parser().parse_args(sys.argv[1:] if argv is None else argv)
@@ -383,13 +392,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: give --data or set {DATA_ENV} to a folder with test/", file=sys.stderr)
         return 2
     try:
-        out = args.out or resolve_checkpoint(args.checkpoint)[0].parent / "fusion"
-        analyse_checkpoint(
+        result = analyse_checkpoint(
             args.checkpoint,
             data,
             batch_size=args.batch_size,
             per_head=args.per_head,
-            out_dir=out,
+            out_dir=args.out,
             num_views=args.num_views,
             eval_batch_sizes=args.eval_batch_sizes,
             seed=args.seed,
@@ -403,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    out = args.out or default_out_dir(args.checkpoint, Path(result["checkpoint"]))
     print(f"\nwrote {out}/heatmaps.png, fusion_ratio.png, fusion.json")
     return 0
 

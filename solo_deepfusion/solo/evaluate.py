@@ -18,11 +18,12 @@ fractions in [0, 1] (solo-learn logs percentages).
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import os
 from argparse import Namespace
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -242,6 +243,22 @@ def linear(argv: Sequence[str]) -> int:
 # k-NN
 
 
+def _positive(kind: type) -> Callable[[str], Any]:
+    """An argparse ``type``: a number of ``kind`` above 0 (the message names the value)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
 def knn_parser() -> CommandParser:
     """``main_knn``'s options (its ``_`` spellings are accepted too), with defaults from the run."""
     parser = CommandParser(prog="solo-deepfusion knn", allow_abbrev=False)
@@ -257,8 +274,14 @@ def knn_parser() -> CommandParser:
     add("--train-path", "--train_data_path", help="default: the run's data.train_path")
     add("--val-path", "--val_data_path", help="default: the run's data.val_path")
     add("--data-format", "--data_format", default="image_folder", choices=("image_folder", "h5"))
-    add("--k", type=int, nargs="+", default=[20])
-    add("--temperature", type=float, nargs="+", default=[0.07], help="cosine distance only")
+    add("--k", type=_positive(int), nargs="+", default=[20])
+    add(
+        "--temperature",
+        type=_positive(float),
+        nargs="+",
+        default=[0.07],
+        help="cosine distance only",
+    )
     add(
         "--distance-function",
         "--distance_function",
@@ -276,7 +299,7 @@ def knn_parser() -> CommandParser:
     add(
         "--batch-size",
         "--batch_size",
-        type=int,
+        type=_positive(int),
         default=256,
         help="also the attention context of a transformer projector's features",
     )

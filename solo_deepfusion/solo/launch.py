@@ -437,7 +437,13 @@ def run_pretrain(argv: Sequence[str], callbacks: Sequence[Callback] = ()) -> Tra
     if cfg.data.format == "dali":
         data = {"datamodule": dali_module(cfg).pretrain_datamodule(cfg, val_loader)}
     else:
-        data = {"train_dataloaders": pretrain_loader(cfg), "val_dataloaders": val_loader}
+        train_loader = pretrain_loader(cfg)
+        if len(train_loader) == 0:  # solo-learn drops the last incomplete batch
+            raise UsageError(
+                f"optimizer.batch_size={cfg.optimizer.batch_size} is larger than the training "
+                f"set ({len(train_loader.dataset)} images): not one batch to train on"
+            )
+        data = {"train_dataloaders": train_loader, "val_dataloaders": val_loader}
 
     try:
         monitors = [
