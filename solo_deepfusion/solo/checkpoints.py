@@ -30,9 +30,10 @@ import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
+from solo.utils.checkpointer import Checkpointer
 from solo.utils.misc import omegaconf_select
 
-from solo_deepfusion.atomic import atomic_path
+from solo_deepfusion.atomic import atomic_path, write_text
 
 
 class Dropped:
@@ -141,6 +142,18 @@ class SoloCheckpointIO(TorchCheckpointIO):
         if not get_filesystem(path).exists(path):
             raise FileNotFoundError(f"Checkpoint file not found: {path}")
         return read_checkpoint(path, map_location)
+
+
+class AtomicCheckpointer(Checkpointer):
+    """solo-learn's Checkpointer, writing ``args.json`` atomically too (its own writes in place:
+    a kill could leave a torn ``args.json`` that no relaunch could read)."""
+
+    def save_args(self, trainer: Any) -> None:
+        if trainer.is_global_zero:
+            args = OmegaConf.to_container(self.cfg)
+            args["wandb_run_id"] = getattr(self, "wandb_run_id", None)
+            text = json.dumps(args, default=lambda o: "<not serializable>")
+            write_text(self.path / "args.json", text)
 
 
 # ---------------------------------------------------------------------------------------------

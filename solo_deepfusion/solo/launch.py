@@ -44,7 +44,12 @@ from solo.utils.checkpointer import Checkpointer
 from solo.utils.misc import make_contiguous, omegaconf_select
 
 from solo_deepfusion.solo import base_method, register, variant_name
-from solo_deepfusion.solo.checkpoints import SoloCheckpointIO, find_resumable, unreadable
+from solo_deepfusion.solo.checkpoints import (
+    AtomicCheckpointer,
+    SoloCheckpointIO,
+    find_resumable,
+    unreadable,
+)
 from solo_deepfusion.solo.data import (
     BadImageError,
     pretrain_loader,
@@ -388,7 +393,7 @@ def checkpoint_callbacks(cfg: DictConfig, logdir: Path) -> list[Callback]:
     callbacks: list[Callback] = []
     if cfg.checkpoint.enabled:
         callbacks.append(
-            Checkpointer(
+            AtomicCheckpointer(
                 cfg,
                 logdir=logdir,
                 frequency=cfg.checkpoint.frequency,
