@@ -6,6 +6,7 @@
 #   scripts/study_heads.sh horizon ARM              mlp vs ARM at 3x the confirm's epochs, 3 seeds
 #   scripts/study_heads.sh byol ARM                 BYOL, mlp vs ARM at the confirm budget, 3 seeds
 #   scripts/study_heads.sh report PHASE             benchmarks/PHASE/report.md and report.png
+#                                                  (benchmarks/PHASE/verdict.md on top, if there)
 #
 # ARM is a bench projector spec (`transformer:norm=pre,qk_norm=true`); `mlp` is always added.
 # Every phase appends to benchmarks/<phase>/results.jsonl and resumes: finished cells are never
@@ -60,7 +61,10 @@ case "$phase" in
     ;;
   report)
     dir="benchmarks/${1:?report: name the phase}"
-    "${bench[@]}" bench-report "$dir/results.jsonl" --out "$dir/report.md" --plot "$dir/report.png"
+    verdict=()  # the written conclusion, benchmarks/<phase>/verdict.md, goes under the title
+    [ -f "$dir/verdict.md" ] && verdict=(--verdict "$dir/verdict.md")
+    "${bench[@]}" bench-report "$dir/results.jsonl" --out "$dir/report.md" --plot "$dir/report.png" \
+      "${verdict[@]}"
     ;;
   *)
     echo "unknown phase $phase: screen | confirm | horizon | byol | report" >&2

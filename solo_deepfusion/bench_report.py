@@ -551,8 +551,10 @@ def render_markdown(
     digits: int = 1,
     baseline: str = BASELINE,
     plot: str | None = None,
+    verdict: str | None = None,
 ) -> str:
-    """The report as markdown."""
+    """The report as markdown; ``verdict`` (markdown written by whoever ran the study) goes
+    right under the title."""
     rows = cell_rows(results, metrics)
     pairs, orphans = paired_differences(results, metrics, baseline)
     keys = [row.key for row in rows]
@@ -562,6 +564,7 @@ def render_markdown(
     out = [
         "# Deep Fusion benchmark: transformer head vs feed-forward head",
         "",
+        *([verdict.strip(), ""] if verdict else []),
         f"From {', '.join(f'`{s}`' for s in results.sources)}: {len(results.records)} runs in "
         f"{len(rows)} cells, {len(results.failed)} failed.",
         "",
@@ -700,13 +703,14 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--baseline", default=BASELINE, help="projector label of the baseline")
     p.add_argument("--digits", type=int, default=1, help="decimals of accuracies in %%")
+    p.add_argument("--verdict", type=Path, help="markdown put under the title (the conclusion)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``solo-deepfusion bench-report``: 0, or 2 for missing files or no usable record."""
     args = parser().parse_args(sys.argv[1:] if argv is None else list(argv))
-    missing = [str(p) for p in args.results if not p.is_file()]
+    missing = [str(p) for p in (*args.results, *filter(None, [args.verdict])) if not p.is_file()]
     if missing:
         print(f"error: no such file: {', '.join(missing)}", file=sys.stderr)
         return 2
@@ -719,8 +723,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.plot is not None:
         write_plot(results, metrics, args.plot, args.baseline)
         plot_ref = os.path.relpath(args.plot, args.out.parent) if args.out else str(args.plot)
+    verdict = args.verdict.read_text(encoding="utf-8") if args.verdict else None
     text = render_markdown(
-        results, metrics, digits=args.digits, baseline=args.baseline, plot=plot_ref
+        results,
+        metrics,
+        digits=args.digits,
+        baseline=args.baseline,
+        plot=plot_ref,
+        verdict=verdict,
     )
     if args.out is None:
         print(text, end="")

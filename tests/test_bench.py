@@ -133,6 +133,9 @@ def test_report_means_and_paired_confidence_interval(three_seeds):
     assert "+2.0 [−0.5, +4.5] (n=3, p_Holm=0.074)" in text  # 2 ± 4.303 / √3; one arm: raw p
     assert "Δ fusion ratio" not in text
     assert "failed cells (not in the tables): 1" in text and "RuntimeError: boom" in text
+    verdict = "**Verdict:** no difference at n=3."
+    lines = render_markdown(results, ["offline_linear_acc1"], verdict=verdict).splitlines()
+    assert lines[:3] == [lines[0], "", verdict] and lines[0].startswith("# ")
     assert "sample indices seen): 3 paired runs compared, all identical" in text
     assert "before training): 3 paired runs compared, all identical" in text
 
