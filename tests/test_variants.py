@@ -238,3 +238,11 @@ def test_transformer_config_group_lists_every_projector_key():
     assert sorted(transformer) == sorted(PROJECTOR_KEYS["transformer"])
     twin = yaml.safe_load((group / "mlp_matched.yaml").read_text())
     assert set(OPTIMIZER_KEYS) <= set(twin) <= set(PROJECTOR_KEYS["mlp_matched"])
+
+
+def test_every_variant_class_pickles_by_reference():
+    import pickle
+
+    for name in register():
+        cls = METHODS[name]
+        assert pickle.loads(pickle.dumps(cls)) is cls, name

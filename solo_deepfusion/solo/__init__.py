@@ -12,6 +12,7 @@ if _problem is not None:
 
 from solo.methods import METHODS  # noqa: E402
 
+from solo_deepfusion.solo import variants  # noqa: E402
 from solo_deepfusion.solo.variants import (  # noqa: E402
     HEAD_METHODS,
     PROJECTORS,
@@ -28,8 +29,9 @@ def register() -> list[str]:
         for projector in PROJECTORS[1:]:
             name = variant_name(method, projector)
             if name not in METHODS:
-                METHODS[name] = make_variant(method, projector)
-                globals()[METHODS[name].__name__] = METHODS[name]  # picklable by name
+                cls = METHODS[name] = make_variant(method, projector)
+                # found where its __module__ and __qualname__ say: picklable by reference
+                setattr(variants, cls.__qualname__, cls)
             names.append(name)
     return names
 
