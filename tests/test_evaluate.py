@@ -14,9 +14,9 @@ from solo_deepfusion._host import host_problem
 if host_problem() is not None:
     pytest.skip(host_problem(), allow_module_level=True)
 
+from solo_deepfusion.errors import UsageError
 from solo_deepfusion.solo import launch
 from solo_deepfusion.solo.evaluate import find_run, knn, linear
-from solo_deepfusion.solo.launch import UsageError
 
 pytestmark = pytest.mark.host
 

@@ -23,8 +23,8 @@ import lightning.pytorch as pl
 from omegaconf import OmegaConf
 from solo.methods import METHODS
 
+from solo_deepfusion.errors import UsageError
 from solo_deepfusion.solo import data, launch
-from solo_deepfusion.solo.launch import UsageError
 
 pytestmark = pytest.mark.host
 SMALL = ("--projector", "transformer", "projector.preset=small")

@@ -42,6 +42,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from solo_deepfusion.atomic import write_json
+from solo_deepfusion.errors import UsageError
 from solo_deepfusion.solo.data import (
     check_local_data,
     classification_loaders,
@@ -51,7 +52,6 @@ from solo_deepfusion.solo.data import (
 )
 from solo_deepfusion.solo.launch import (
     CommandParser,
-    UsageError,
     checkpoint_callbacks,
     compose_config,
     config_parser,

@@ -43,6 +43,7 @@ from solo.utils.auto_resumer import AutoResumer
 from solo.utils.checkpointer import Checkpointer
 from solo.utils.misc import make_contiguous, omegaconf_select
 
+from solo_deepfusion.errors import UsageError
 from solo_deepfusion.solo import base_method, register, variant_name
 from solo_deepfusion.solo.checkpoints import (
     AtomicCheckpointer,
@@ -91,10 +92,6 @@ __all__ = [
     "split_projector",
     "with_packaged_configs",
 ]
-
-
-class UsageError(ValueError):
-    """A bad command line or recipe: reported in one line, without a traceback."""
 
 
 class CommandParser(argparse.ArgumentParser):

@@ -49,6 +49,7 @@ grid loop) and :mod:`.cli` (the command line).
 
 from __future__ import annotations
 
+from solo_deepfusion.errors import UsageError
 from solo_deepfusion.solo.bench.cli import main, parser
 from solo_deepfusion.solo.bench.data import prepare_data
 from solo_deepfusion.solo.bench.evaluation import head_cost, unsupervised_accuracies
@@ -71,7 +72,6 @@ from solo_deepfusion.solo.bench.runner import (
     run_job_in_process,
     run_job_subprocess,
 )
-from solo_deepfusion.solo.launch import UsageError
 
 __all__ = [
     "AXES",

@@ -13,6 +13,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 from solo.utils.misc import omegaconf_select
 
+from solo_deepfusion.errors import UsageError
 from solo_deepfusion.solo import base_method
 from solo_deepfusion.solo.analysis import DATA_ENV, EVAL_BATCH_SIZES
 from solo_deepfusion.solo.bench.data import prepare_data
@@ -40,7 +41,6 @@ from solo_deepfusion.solo.bench.runner import (
 from solo_deepfusion.solo.launch import (
     RECIPES_DIR,
     CommandParser,
-    UsageError,
     compose_config,
     pretrain_config,
 )

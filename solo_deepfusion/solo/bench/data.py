@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from solo_deepfusion.solo.launch import UsageError
+from solo_deepfusion.errors import UsageError
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from solo_deepfusion.bench_report import BASELINE
+from solo_deepfusion.errors import UsageError
 from solo_deepfusion.solo.analysis import EVAL_BATCH_SIZES
-from solo_deepfusion.solo.launch import UsageError
 from solo_deepfusion.solo.variants import PROJECTOR_KEYS
 
 PROJECTOR_NAMES = ("mlp", "mlp_matched", "transformer")
