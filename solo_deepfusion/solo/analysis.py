@@ -52,7 +52,7 @@ from solo_deepfusion.fusion import (
     summarize,
 )
 from solo_deepfusion.solo.data import BadImageError, guard_images
-from solo_deepfusion.solo.model import load_model
+from solo_deepfusion.solo.model import model_from_checkpoint
 from solo_deepfusion.solo.monitor import (
     FUSION_LOG,
     backbone_features,
@@ -77,7 +77,7 @@ __all__ = [
     "accuracy_table",
     "analyse_checkpoint",
     "eval_transform",
-    "load_run",
+    "load_for_analysis",
     "main",
     "monitor_curves",
     "parser",
@@ -119,7 +119,7 @@ def resolve_checkpoint(checkpoint: str | os.PathLike) -> tuple[Path, Path]:
     return path, args
 
 
-def load_run(checkpoint: str | os.PathLike) -> tuple[BaseMethod, DictConfig, Path]:
+def load_for_analysis(checkpoint: str | os.PathLike) -> tuple[BaseMethod, DictConfig, Path]:
     """The model (strictly loaded, eval mode, CPU), its config and its weights file.
 
     ``checkpoint`` is a ``.ckpt`` file, a run folder, or the name of a zoo entry (its verified
@@ -135,7 +135,7 @@ def load_run(checkpoint: str | os.PathLike) -> tuple[BaseMethod, DictConfig, Pat
         weights, args = resolve_checkpoint(checkpoint)
         cfg = OmegaConf.create(json.loads(args.read_text()))
         OmegaConf.set_struct(cfg, False)
-        model = load_model(weights, cfg, strict=True)
+        model = model_from_checkpoint(weights, cfg, strict=True)
     fusion_head(model)  # fail early, with the reason, for a model without a transformer head
     return model.eval(), cfg, weights
 
@@ -278,7 +278,7 @@ def analyse_checkpoint(
     """
     if batch_size < 2 or num_views < 1 or any(size < 2 for size in eval_batch_sizes):
         raise ValueError("batch_size and eval_batch_sizes must be >= 2, num_views >= 1")
-    model, cfg, ckpt = load_run(checkpoint)
+    model, cfg, ckpt = load_for_analysis(checkpoint)
     out = Path(out_dir) if out_dir is not None else default_out_dir(checkpoint, ckpt)
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dataset = guard_images(ImageFolder(str(data), transform=eval_transform(cfg)))

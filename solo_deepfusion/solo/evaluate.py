@@ -1,9 +1,10 @@
 """``solo-deepfusion linear`` and ``solo-deepfusion knn``: offline evaluation of a pretraining run.
 
 Both read a run as solo-learn's Checkpointer leaves it (a folder holding ``args.json`` and a
-``.ckpt``) and rebuild its model with :func:`~solo_deepfusion.solo.model.load_model`, strictly: a
-variant's head is loaded, never silently left random. Both run on CPU or GPU and read CIFAR kept
-as an ImageFolder with CIFAR's 32 px transforms (:mod:`solo_deepfusion.solo.data`).
+``.ckpt``) and rebuild its model with
+:func:`~solo_deepfusion.solo.model.model_from_checkpoint`, strictly: a variant's head is loaded,
+never silently left random. Both run on CPU or GPU and read CIFAR kept as an ImageFolder with
+CIFAR's 32 px transforms (:mod:`solo_deepfusion.solo.data`).
 
 * ``linear``: ``main_linear``'s command line (``--config-path/--config-name`` + Hydra overrides,
   ``pretrained_feature_extractor=<checkpoint or run folder>``) and flow (solo-learn's
@@ -63,7 +64,7 @@ from solo_deepfusion.solo.launch import (
     prepare_hardware,
     resume_checkpoint,
 )
-from solo_deepfusion.solo.model import load_model
+from solo_deepfusion.solo.model import model_from_checkpoint
 
 FEATURE_TYPES = ("backbone", "projector")
 DISTANCES = ("cosine", "euclidean")
@@ -96,7 +97,7 @@ class PretrainedRun:
         """The model, weights loaded strictly (``weights_only=True``: a file holding code, or
         one cut short, is a :class:`UsageError`)."""
         try:
-            return load_model(self.checkpoint, self.cfg, strict=True)
+            return model_from_checkpoint(self.checkpoint, self.cfg, strict=True)
         except ValueError as err:
             raise UsageError(str(err)) from err
 

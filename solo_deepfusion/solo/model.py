@@ -50,7 +50,9 @@ def build_model(cfg: DictConfig) -> BaseMethod:
     return model
 
 
-def load_model(ckpt_path: str | Path, cfg: DictConfig, *, strict: bool = True) -> BaseMethod:
+def model_from_checkpoint(
+    ckpt_path: str | Path, cfg: DictConfig, *, strict: bool = True
+) -> BaseMethod:
     """Rebuild the model of ``cfg`` and load a Lightning checkpoint's weights into it.
 
     The file is read with ``weights_only=True`` (:func:`~solo_deepfusion.solo.checkpoints.

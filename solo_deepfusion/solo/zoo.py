@@ -33,8 +33,7 @@ from solo_deepfusion.hub.manifest import PathLike, ZooEntry, get_entry
 from solo_deepfusion.hub.publish import git_commit
 from solo_deepfusion.hub.weights import load_state_dict, save_state_dict, upcast
 from solo_deepfusion.solo.data import CIFAR
-from solo_deepfusion.solo.model import build_model
-from solo_deepfusion.solo.model import load_model as load_run
+from solo_deepfusion.solo.model import build_model, model_from_checkpoint
 
 BACKBONE_PREFIX = "backbone."
 
@@ -90,11 +89,11 @@ def export_checkpoint(
     ``stem``, ``params`` and ``code_commit`` (when this package is a git checkout). Each file is
     written atomically; returns the backbone, full and args paths.
 
-    The ``.ckpt`` is read with ``weights_only=True`` (see ``load_model`` in
-    :mod:`solo_deepfusion.solo.model`): one that holds code is refused.
+    The ``.ckpt`` is read with ``weights_only=True`` (see
+    :func:`~solo_deepfusion.solo.model.model_from_checkpoint`): one that holds code is refused.
     """
     cfg = read_args(Path(args_json))
-    model = load_run(ckpt_path, cfg, strict=True)
+    model = model_from_checkpoint(ckpt_path, cfg, strict=True)
     state = model.state_dict()
     backbone = {
         k.removeprefix(BACKBONE_PREFIX): v
