@@ -148,3 +148,21 @@ def test_auto_resume_takes_the_last_complete_checkpoint_and_says_what_it_skipped
         logdir / "v3" / "r-v3-ep=9.ckpt"
     )
     assert find_resumable(tmp_path / "none", cfg, RESUME_MATCH, 36) == (None, None)
+
+
+def test_find_run_takes_the_highest_epoch_and_names_what_is_missing(tmp_path):
+    from solo_deepfusion.errors import UsageError
+    from solo_deepfusion.solo.checkpoints import find_run
+
+    run = tmp_path / "run"
+    write_run(run, {"method": "simclr"}, {"r-ep=10.ckpt": b"x", "r-ep=2.ckpt": b"y"})
+    os.utime(run / "r-ep=10.ckpt", (1, 1))  # older file, higher epoch: the epoch decides
+    assert find_run(run).checkpoint == run / "r-ep=10.ckpt"
+    assert find_run(run / "r-ep=2.ckpt").cfg.method == "simclr"
+    (run / "args.json").write_text('{"method": "../escape"}')
+    with pytest.raises(UsageError, match=r"method='../escape' is not one of solo-learn's"):
+        find_run(run)
+    with pytest.raises(
+        UsageError, match=r"no-such does not exist: no such checkpoint file, run folder or zoo"
+    ):
+        find_run(tmp_path / "no-such")

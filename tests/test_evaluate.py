@@ -16,7 +16,8 @@ if host_problem() is not None:
 
 from solo_deepfusion.errors import UsageError
 from solo_deepfusion.solo import launch
-from solo_deepfusion.solo.evaluate import find_run, knn, linear
+from solo_deepfusion.solo.checkpoints import find_run
+from solo_deepfusion.solo.evaluate import knn, linear
 
 pytestmark = pytest.mark.host
 

@@ -26,21 +26,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from solo.data.classification_dataloader import prepare_transforms
 from solo.methods.base import BaseMethod
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torchvision.datasets import ImageFolder
 
-from solo_deepfusion import hub
 from solo_deepfusion.atomic import write_json
 from solo_deepfusion.fusion import (
     FusionStats,
@@ -51,8 +49,8 @@ from solo_deepfusion.fusion import (
     plot_fusion_ratio,
     summarize,
 )
+from solo_deepfusion.solo.checkpoints import find_run
 from solo_deepfusion.solo.data import BadImageError, guard_images
-from solo_deepfusion.solo.model import model_from_checkpoint
 from solo_deepfusion.solo.monitor import (
     FUSION_LOG,
     backbone_features,
@@ -82,7 +80,6 @@ __all__ = [
     "monitor_curves",
     "parser",
     "read_monitor_log",
-    "resolve_checkpoint",
     "unsupervised_accuracy",
 ]
 
@@ -91,51 +88,14 @@ __all__ = [
 # The run: checkpoint, config, monitor log
 
 
-def _epoch_key(path: Path) -> tuple[int, float]:
-    match = re.search(r"ep=(\d+)", path.name)
-    return (int(match.group(1)) if match else -1, path.stat().st_mtime)
-
-
-def resolve_checkpoint(checkpoint: str | os.PathLike) -> tuple[Path, Path]:
-    """``(checkpoint file, args.json)`` of a ``.ckpt`` file or a run folder (its last epoch).
-
-    A run folder is where solo-learn's Checkpointer writes: ``args.json`` and
-    ``<name>-<version>-ep=N.ckpt``; the highest ``N`` (then the newest file) is taken.
-    """
-    path = Path(checkpoint).expanduser()
-    if path.is_dir():
-        candidates = sorted(path.glob("*.ckpt"), key=_epoch_key)
-        if not candidates:
-            raise FileNotFoundError(f"{path}: run folder without a .ckpt file")
-        path = candidates[-1]
-    elif not path.is_file():
-        raise FileNotFoundError(
-            f"{checkpoint}: no such checkpoint file, run folder or zoo entry "
-            "(`solo-deepfusion zoo list` shows the entries)"
-        )
-    args = path.parent / "args.json"
-    if not args.is_file():
-        raise FileNotFoundError(f"{args}: missing; it records the config that rebuilds the model")
-    return path, args
-
-
 def load_for_analysis(checkpoint: str | os.PathLike) -> tuple[BaseMethod, DictConfig, Path]:
     """The model (strictly loaded, eval mode, CPU), its config and its weights file.
 
     ``checkpoint`` is a ``.ckpt`` file, a run folder, or the name of a zoo entry (its verified
     ``full`` weights are downloaded into the cache).
     """
-    if not Path(checkpoint).expanduser().exists() and str(checkpoint) in hub.list_models():
-        from solo_deepfusion.solo.zoo import load_model as load_zoo_model
-
-        model = load_zoo_model(str(checkpoint), progress=False)
-        weights = hub.cached_path(hub.get_entry(str(checkpoint)), role="full")
-        cfg = model.cfg
-    else:
-        weights, args = resolve_checkpoint(checkpoint)
-        cfg = OmegaConf.create(json.loads(args.read_text()))
-        OmegaConf.set_struct(cfg, False)
-        model = model_from_checkpoint(weights, cfg, strict=True)
+    run = find_run(checkpoint)
+    model, cfg, weights = run.load(), run.cfg, run.checkpoint
     fusion_head(model)  # fail early, with the reason, for a model without a transformer head
     return model.eval(), cfg, weights
 

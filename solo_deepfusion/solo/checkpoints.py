@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import pickle
 import re
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +32,12 @@ import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
+from solo.methods.base import BaseMethod
 from solo.utils.checkpointer import Checkpointer
 from solo.utils.misc import omegaconf_select
 
 from solo_deepfusion.atomic import atomic_path, write_text
+from solo_deepfusion.errors import UsageError
 
 
 class Dropped:
@@ -232,3 +236,95 @@ def find_resumable(
         return None, None
     _, ckpt, args = max(found, key=lambda item: item[0])
     return ckpt, args.get("wandb_run_id")
+
+
+# ---------------------------------------------------------------------------------------------
+# A trained run, named by its folder, a checkpoint or a zoo entry
+
+
+@dataclass(frozen=True)
+class PretrainedRun:
+    """A run's weights (a ``.ckpt``, or a zoo entry's ``full`` safetensors) and its config."""
+
+    checkpoint: Path
+    cfg: DictConfig
+
+    def load(self) -> BaseMethod:
+        """The model, weights loaded strictly, in eval mode; never unpickles code (a file that
+        holds code, or one cut short, is a :class:`UsageError`)."""
+        from solo_deepfusion.hub.weights import load_state_dict, upcast
+        from solo_deepfusion.solo.model import build_model, model_from_checkpoint
+
+        try:
+            if self.checkpoint.suffix == ".safetensors":
+                model = build_model(self.cfg)
+                model.load_state_dict(upcast(load_state_dict(self.checkpoint)), strict=True)
+            else:
+                model = model_from_checkpoint(self.checkpoint, self.cfg, strict=True)
+        except ValueError as err:
+            raise UsageError(str(err)) from err
+        return model.eval()
+
+    @property
+    def transformer_head(self) -> bool:
+        return omegaconf_select(self.cfg, "projector.name", "mlp") == "transformer"
+
+
+def find_run(source: str | os.PathLike) -> PretrainedRun:
+    """The run ``source`` names: a ``.ckpt`` file, a run folder (its checkpoint of the highest
+    epoch, then the newest), or the name of a zoo entry (its verified files, downloaded).
+
+    The config is the ``args.json`` beside the checkpoint (the entry's ``args`` file).
+    """
+    path = Path(source).expanduser()
+    if not path.exists() and _is_zoo_entry(str(source)):
+        from solo_deepfusion.solo.zoo import zoo_run_files
+
+        weights, args = zoo_run_files(str(source))
+        return PretrainedRun(weights, read_args(args))
+    if path.is_dir():
+        checkpoints = sorted(
+            path.glob("*.ckpt"), key=lambda p: (checkpoint_epoch(p), p.stat().st_mtime)
+        )
+        if not checkpoints:
+            raise UsageError(f"no .ckpt file in {path}")
+        path = checkpoints[-1]
+    elif not path.is_file():
+        raise UsageError(
+            f"{source} does not exist: no such checkpoint file, run folder or zoo entry "
+            "(`solo-deepfusion zoo list` shows the entries)"
+        )
+    args = path.parent / "args.json"
+    if not args.is_file():
+        raise UsageError(f"{path.parent} has no args.json (written next to the checkpoint)")
+    return PretrainedRun(path, read_args(args))
+
+
+def _is_zoo_entry(name: str) -> bool:
+    from solo_deepfusion import hub
+
+    try:
+        return name in hub.list_models()
+    except hub.ZooError:  # no manifest here: not a zoo name either
+        return False
+
+
+def read_args(path: Path) -> DictConfig:
+    """A run's ``args.json``: a JSON object naming a method solo-learn knows (one-line errors)."""
+    from solo.methods import METHODS
+
+    from solo_deepfusion.solo import register
+
+    try:
+        args = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UsageError(f"{path} is not a JSON file: {err}") from err
+    if not isinstance(args, dict):
+        raise UsageError(f"{path} holds a JSON {type(args).__name__}, not an object (a run's cfg)")
+    register()
+    method = args.get("method")
+    if not isinstance(method, str) or method not in METHODS:
+        raise UsageError(f"{path}: method={method!r} is not one of solo-learn's methods")
+    cfg = OmegaConf.create(args)
+    OmegaConf.set_struct(cfg, False)
+    return cfg

@@ -21,17 +21,14 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import os
 from argparse import Namespace
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import seed_everything
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from solo.args.linear import parse_cfg
 from solo.methods.base import BaseMethod
 from solo.methods.linear import LinearModel
@@ -44,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from solo_deepfusion.atomic import write_json
 from solo_deepfusion.errors import UsageError
+from solo_deepfusion.solo.checkpoints import PretrainedRun, find_run
 from solo_deepfusion.solo.data import (
     check_local_data,
     classification_loaders,
@@ -64,7 +62,6 @@ from solo_deepfusion.solo.launch import (
     prepare_hardware,
     resume_checkpoint,
 )
-from solo_deepfusion.solo.model import model_from_checkpoint
 
 FEATURE_TYPES = ("backbone", "projector")
 DISTANCES = ("cosine", "euclidean")
@@ -84,47 +81,6 @@ __all__ = [
     "run_knn",
     "run_linear",
 ]
-
-
-@dataclass(frozen=True)
-class PretrainedRun:
-    """A pretraining checkpoint and the config (``args.json``) that rebuilds its model."""
-
-    checkpoint: Path
-    cfg: DictConfig
-
-    def load(self) -> BaseMethod:
-        """The model, weights loaded strictly (``weights_only=True``: a file holding code, or
-        one cut short, is a :class:`UsageError`)."""
-        try:
-            return model_from_checkpoint(self.checkpoint, self.cfg, strict=True)
-        except ValueError as err:
-            raise UsageError(str(err)) from err
-
-    @property
-    def transformer_head(self) -> bool:
-        return omegaconf_select(self.cfg, "projector.name", "mlp") == "transformer"
-
-
-def find_run(path: str | os.PathLike) -> PretrainedRun:
-    """The run at ``path``: a checkpoint file, or a folder with ``args.json`` and ``.ckpt`` files.
-
-    A folder with several checkpoints (``checkpoint.keep_prev``) gives the newest.
-    """
-    path = Path(path).expanduser()
-    if path.is_dir():
-        checkpoints = sorted(path.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
-        if not checkpoints:
-            raise UsageError(f"no .ckpt file in {path}")
-        checkpoint = checkpoints[-1]
-    elif path.is_file():
-        checkpoint = path
-    else:
-        raise UsageError(f"{path} does not exist")
-    args = checkpoint.parent / "args.json"
-    if not args.is_file():
-        raise UsageError(f"{checkpoint.parent} has no args.json (written next to the checkpoint)")
-    return PretrainedRun(checkpoint, OmegaConf.create(json.loads(args.read_text())))
 
 
 def _report(results: dict[str, Any], output: Path | None) -> None:

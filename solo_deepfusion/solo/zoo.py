@@ -15,14 +15,12 @@ dict, keys without ``backbone.``), ``<name>.full.safetensors`` (the whole model'
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import lightning
 import torch
 from omegaconf import DictConfig, OmegaConf
-from solo.methods import METHODS
 from solo.methods.base import BaseMethod
 from solo.utils.misc import omegaconf_select
 from torch import nn
@@ -32,6 +30,7 @@ from solo_deepfusion.hub.download import download
 from solo_deepfusion.hub.manifest import PathLike, ZooEntry, get_entry
 from solo_deepfusion.hub.publish import git_commit
 from solo_deepfusion.hub.weights import load_state_dict, save_state_dict, upcast
+from solo_deepfusion.solo.checkpoints import read_args
 from solo_deepfusion.solo.data import CIFAR
 from solo_deepfusion.solo.model import build_model, model_from_checkpoint
 
@@ -128,25 +127,17 @@ def _entry(name: str | ZooEntry, manifest: PathLike | None) -> ZooEntry:
     return name if isinstance(name, ZooEntry) else get_entry(name, manifest)
 
 
-def read_args(path: Path) -> DictConfig:
-    """A run's ``args.json``: a JSON object naming a method solo-learn knows (one-line errors)."""
-    from solo_deepfusion.solo import register
-
-    try:
-        args = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path} is not a JSON file: {err}") from err
-    if not isinstance(args, dict):
-        raise ValueError(f"{path} holds a JSON {type(args).__name__}, not an object (a run's cfg)")
-    register()
-    method = args.get("method")
-    if not isinstance(method, str) or method not in METHODS:
-        raise ValueError(f"{path}: method={method!r} is not one of solo-learn's methods")
-    return OmegaConf.create(args)
-
-
 def _cfg(entry: ZooEntry, **download_kwargs: Any) -> DictConfig:
     return read_args(download(entry, role="args", **download_kwargs))
+
+
+def zoo_run_files(name: str | ZooEntry, **download_kwargs: Any) -> tuple[Path, Path]:
+    """``(full weights, args.json)`` of an entry, verified in the cache (downloaded if needed)."""
+    entry = _entry(name, None)
+    return (
+        download(entry, role="full", **download_kwargs),
+        download(entry, role="args", **download_kwargs),
+    )
 
 
 def load_model(
