@@ -55,6 +55,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from solo_deepfusion.atomic import write_json
+from solo_deepfusion.devices import resolve_device
+from solo_deepfusion.errors import UsageError
 from solo_deepfusion.heads import PRESETS, build_projector, count_parameters, forward_flops
 
 IN_DIM, HIDDEN_DIM, OUT_DIM, NUM_VIEWS = 512, 2048, 256, 2
@@ -120,14 +122,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if any(t < NUM_VIEWS or t % NUM_VIEWS for t in args.tokens):
         p.error(f"every --tokens value must be a positive multiple of {NUM_VIEWS}")
     return args
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda asked for, but torch.cuda.is_available() is False")
-    return torch.device(name)
 
 
 def device_name(device: torch.device) -> str:
@@ -493,7 +487,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except UsageError as err:
+        raise SystemExit(f"error: {err}") from None
     cpu = device.type == "cpu"
     if args.resnet_max_batch is None:
         args.resnet_max_batch = CPU_RESNET_MAX_BATCH if cpu else 0

@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Subset
 from torchvision.datasets import ImageFolder
 
 from solo_deepfusion.atomic import write_json
+from solo_deepfusion.devices import resolve_device
 from solo_deepfusion.fusion import (
     FusionStats,
     format_table,
@@ -240,7 +241,7 @@ def analyse_checkpoint(
         raise ValueError("batch_size and eval_batch_sizes must be >= 2, num_views >= 1")
     model, cfg, ckpt = load_for_analysis(checkpoint)
     out = Path(out_dir) if out_dir is not None else default_out_dir(checkpoint, ckpt)
-    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(resolve_device(device))
     dataset = guard_images(ImageFolder(str(data), transform=eval_transform(cfg)))
     if len(dataset) < 2:
         raise ValueError(f"{data}: need at least 2 images, found {len(dataset)}")

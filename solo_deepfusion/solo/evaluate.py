@@ -40,6 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from solo_deepfusion.atomic import write_json
+from solo_deepfusion.devices import resolve_device
 from solo_deepfusion.errors import UsageError
 from solo_deepfusion.solo.checkpoints import PretrainedRun, find_run
 from solo_deepfusion.solo.data import (
@@ -317,14 +318,6 @@ def _knn_settings(args: Namespace) -> Iterator[tuple[str, str, int, float | None
             yield feature, distance, k, temperature
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: CUDA is not available here")
-    return torch.device(name)
-
-
 def run_knn(argv: Sequence[str]) -> dict[str, Any]:
     """k-NN accuracies of the run's features for every requested combination; the results."""
     args = knn_parser().parse_args(list(argv))
@@ -340,7 +333,7 @@ def run_knn(argv: Sequence[str]) -> dict[str, Any]:
         check_local_data(dataset, val_path, "--val-path")
     except ValueError as err:
         raise UsageError(str(err)) from err
-    device = _device(args.device)
+    device = resolve_device(args.device)
 
     model = run.load().to(device)
     splits = eval_datasets(dataset, train_path, val_path, data_format=args.data_format)

@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.datasets import ImageFolder
 
+from solo_deepfusion.devices import resolve_device
 from solo_deepfusion.fusion import leave_one_out_1nn_accuracy, summarize
 from solo_deepfusion.heads import TransformerProjector, count_parameters
 from solo_deepfusion.linear_probe import linear_probe
@@ -91,12 +92,6 @@ def head_cost(model: nn.Module, cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def _eval_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
 def unsupervised_accuracies(
     model: nn.Module,
     feats: torch.Tensor,
@@ -164,7 +159,7 @@ def evaluate_in_memory(model: nn.Module, cfg: DictConfig, job: Job) -> dict[str,
     if job.val_path is None:
         return {}
     settings = job.eval
-    device = _eval_device(settings["device"])
+    device = resolve_device(settings["device"])
     model.to(device)
     transform = eval_transform(OmegaConf.create({"data": {"dataset": settings["dataset"]}}))
     dataset = ImageFolder(job.val_path, transform=transform)
