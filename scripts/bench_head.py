@@ -52,12 +52,17 @@ from pathlib import Path
 import torch
 import torchvision
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from solo_deepfusion.atomic import write_json
 from solo_deepfusion.devices import resolve_device
 from solo_deepfusion.errors import UsageError
-from solo_deepfusion.heads import PRESETS, build_projector, count_parameters, forward_flops
+from solo_deepfusion.heads import (
+    PRESETS,
+    build_projector,
+    count_flops,
+    count_parameters,
+    forward_flops,
+)
 
 IN_DIM, HIDDEN_DIM, OUT_DIM, NUM_VIEWS = 512, 2048, 256, 2
 CPU_RESNET_MAX_BATCH = 256
@@ -244,9 +249,8 @@ def head_flops(head: nn.Module, tokens: int) -> int:
 
 
 def resnet_flops(model: nn.Module, images: int, size: int) -> int:
-    with FlopCounterMode(display=False) as counter:
-        meta_copy(model)(torch.empty(images, 3, size, size, device="meta"))
-    return counter.get_total_flops()
+    clone = meta_copy(model)
+    return count_flops(lambda: clone(torch.empty(images, 3, size, size, device="meta")))
 
 
 def measure(

@@ -1,6 +1,6 @@
 """Host-free projection heads: plain PyTorch, usable in any training loop."""
 
-from solo_deepfusion.heads.cost import count_parameters, forward_flops
+from solo_deepfusion.heads.cost import count_flops, count_parameters, forward_flops
 from solo_deepfusion.heads.distributed import gather_tokens
 from solo_deepfusion.heads.mlp import SOLO_MLP_LAYOUTS, MLPLayout, MLPProjector, solo_mlp
 from solo_deepfusion.heads.registry import (
@@ -31,6 +31,7 @@ __all__ = [
     "TransformerProjector",
     "attention_mask",
     "build_projector",
+    "count_flops",
     "count_parameters",
     "forward_flops",
     "gather_tokens",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -13,12 +16,21 @@ def count_parameters(module: nn.Module, *, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs (multiply-add = 2) that ``fn()`` runs, counted by ``torch.utils.flop_counter``.
+
+    No gradients; SDPA runs on its math backend so that attention matmuls are counted on every
+    device (the fused CPU kernel has no FLOP formula); the count is the same for every backend.
+    """
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops()
+
+
 def forward_flops(module: nn.Module, num_tokens: int, *, num_views: int = 1) -> int:
     """FLOPs (multiply-add = 2) of one forward pass of a head on ``num_tokens`` tokens.
 
-    Counted by ``torch.utils.flop_counter`` on a real forward. SDPA runs on its math backend
-    here so that the attention matmuls are counted on every device (the fused CPU kernel has
-    no FLOP formula); the count is the same for every backend.
+    Counted on a real forward in eval mode (:func:`count_flops`).
     """
     in_dim = getattr(module, "in_dim", None)
     if in_dim is None:
@@ -29,8 +41,6 @@ def forward_flops(module: nn.Module, num_tokens: int, *, num_views: int = 1) -> 
     was_training = module.training
     module.eval()
     try:
-        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
-            module(x, **kwargs)
+        return count_flops(lambda: module(x, **kwargs))
     finally:
         module.train(was_training)
-    return fc.get_total_flops()

@@ -3,21 +3,19 @@ the offline linear and k-NN evaluations of its saved run."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import Dataset
-from torch.utils.flop_counter import FlopCounterMode
 from torchvision.datasets import ImageFolder
 
 from solo_deepfusion.devices import resolve_device
 from solo_deepfusion.fusion import leave_one_out_1nn_accuracy, summarize
-from solo_deepfusion.heads import TransformerProjector, count_parameters
+from solo_deepfusion.heads import TransformerProjector, count_flops, count_parameters
 from solo_deepfusion.linear_probe import linear_probe
 from solo_deepfusion.solo import base_method
 from solo_deepfusion.solo.analysis import _LOADER_BATCH, _features, eval_transform
@@ -53,18 +51,12 @@ def momentum_head_path(model: nn.Module) -> str | None:
     return "momentum_head.mlp" if base_method(model.cfg.method) == "dino" else "momentum_projector"
 
 
-def _flops(fn: Callable[[], Any]) -> int:
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
-        fn()
-    return fc.get_total_flops()
-
-
 def head_cost(model: nn.Module, cfg: DictConfig) -> dict[str, Any]:
     """Parameters of the (online) head and its forward FLOPs for one training step's tokens.
 
     ``T = num_large_crops x batch_size`` tokens: one call on all of them for a ``joint``
     transformer (attention over ``T``), one call per crop of ``batch_size`` otherwise. Counted
-    with ``torch.utils.flop_counter`` (SDPA on its math backend, multiply-add = 2) in eval mode.
+    with :func:`~solo_deepfusion.heads.count_flops` in eval mode.
     """
     head = model.get_submodule(head_path(model))
     views, batch = cfg.data.num_large_crops, cfg.optimizer.batch_size
@@ -75,9 +67,9 @@ def head_cost(model: nn.Module, cfg: DictConfig) -> dict[str, Any]:
     head.eval()
     try:
         if joint:
-            flops = _flops(lambda: head.tail(head.head(x, num_views=views)))
+            flops = count_flops(lambda: head.tail(head.head(x, num_views=views)))
         else:
-            flops = views * _flops(lambda: head(x[:batch]))
+            flops = views * count_flops(lambda: head(x[:batch]))
     finally:
         head.train(was_training)
     momentum = momentum_head_path(model)
