@@ -33,11 +33,12 @@ from torchvision.datasets import ImageFolder
 from solo_deepfusion.atomic import write_text
 from solo_deepfusion.heads.diagnostics import collapse_stats
 from solo_deepfusion.hub import load_backbone
+from solo_deepfusion.jsonl import append_jsonl
 from solo_deepfusion.solo.bench.data import prepare_data
 from solo_deepfusion.solo.bench.grid import ProjectorSpec
 from solo_deepfusion.solo.launch import pretrain_config
 from solo_deepfusion.solo.model import build_model
-from solo_deepfusion.solo.monitor import append_jsonl, fusion_head
+from solo_deepfusion.solo.monitor import fusion_head
 
 RECIPES = ("simclr", "byol", "mocov3", "barlow", "vicreg", "swav")
 ARMS = (

@@ -45,7 +45,8 @@ import yaml
 
 from solo_deepfusion.atomic import write_text
 from solo_deepfusion.hub import sha256_file
-from solo_deepfusion.hub.publish import file_record, git_commit, update_manifest
+from solo_deepfusion.hub.publish import file_record, update_manifest
+from solo_deepfusion.provenance import git_commit
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "zoo" / "recipes"

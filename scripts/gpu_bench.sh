@@ -170,7 +170,7 @@ set +e
 status=${PIPESTATUS[0]}
 set -e
 if [ -s "$out/results.jsonl" ]; then
-  "$py" -m solo_deepfusion.bench_report "$out/results.jsonl" \
+  "$py" -m solo_deepfusion.bench.report "$out/results.jsonl" \
     --out "$out/report.md" --plot "$out/report.png" || status=1
   cat "$out/report.md"
 fi

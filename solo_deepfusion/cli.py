@@ -34,7 +34,7 @@ def _zoo(argv: Sequence[str]) -> int:
 
 
 def _bench_report(argv: Sequence[str]) -> int:
-    from solo_deepfusion.bench_report import main
+    from solo_deepfusion.bench.report import main
 
     return main(list(argv))
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 from solo_fixtures import HOST_PROBLEM, method_cfg, requires_host
 
-from solo_deepfusion import bench_report
-from solo_deepfusion.bench_report import (
+from solo_deepfusion.bench import report as bench_report
+from solo_deepfusion.bench.report import (
     confidence_interval,
     holm_adjust,
     load_results,

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from solo_deepfusion.heads.transformer import ACTIVATIONS, check_choice
+from solo_deepfusion.heads.transformer import ACTIVATIONS
+from solo_deepfusion.validation import check_choice
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,8 @@ from solo_deepfusion.heads.mlp import (
     MLPProjector,
     matched_hidden_dim,
 )
-from solo_deepfusion.heads.transformer import TransformerProjector, check_choice
+from solo_deepfusion.heads.transformer import TransformerProjector
+from solo_deepfusion.validation import check_choice
 
 ProjectorBuilder = Callable[..., nn.Module]
 _PROJECTORS: dict[str, ProjectorBuilder] = {}

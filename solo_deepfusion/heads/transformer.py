@@ -20,23 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from solo_deepfusion.heads.distributed import distributed_world, gather_tokens
+from solo_deepfusion.validation import check_choice, check_flag
 
 CONTEXTS = ("joint", "view")
 MASKS = ("none", "self", "positives")
 NORMS = ("post", "pre")
 ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
-
-
-def check_choice(field: str, value: object, allowed: tuple[str, ...] | list[str]) -> None:
-    """Raise a ``ValueError`` naming ``field`` and the allowed values unless ``value`` is one."""
-    if value not in allowed:
-        raise ValueError(f"{field}={value!r} is not supported; choose one of {sorted(allowed)}")
-
-
-def check_flag(field: str, value: object) -> None:
-    """Raise a ``ValueError`` naming ``field`` unless ``value`` is a ``bool``."""
-    if not isinstance(value, bool):
-        raise ValueError(f"{field}={value!r} is not supported; choose one of [False, True]")
 
 
 @functools.lru_cache(maxsize=16)

@@ -10,7 +10,6 @@ Used by ``scripts/build_zoo.py``; nothing here imports torch.
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import yaml
 from solo_deepfusion.atomic import atomic_path
 
 from .cache import sha256_file
-from .manifest import REPO_ZOO_DIR, PathLike, _plain, read_yaml, validate_manifest
+from .manifest import PathLike, _plain, read_yaml, validate_manifest
 
 SCHEMA_VERSION = 1
 
@@ -35,22 +34,6 @@ def file_record(path: PathLike, role: str, urls: Sequence[str]) -> dict[str, Any
         "sha256": sha256_file(p),
         "urls": list(urls),
     }
-
-
-def git_commit(repo: PathLike | None = None) -> str | None:
-    """``git rev-parse HEAD`` of ``repo`` (default: this package's checkout), or ``None``."""
-    folder = Path(repo) if repo is not None else REPO_ZOO_DIR.parent
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(folder), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=30,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
 
 
 def _header(text: str) -> str:

@@ -50,6 +50,7 @@ from solo_deepfusion.fusion import (
     plot_fusion_ratio,
     summarize,
 )
+from solo_deepfusion.jsonl import json_safe
 from solo_deepfusion.solo.checkpoints import find_run
 from solo_deepfusion.solo.data import BadImageError, guard_images
 from solo_deepfusion.solo.monitor import (
@@ -58,7 +59,6 @@ from solo_deepfusion.solo.monitor import (
     balanced_indices,
     evaluating,
     fusion_head,
-    json_safe,
     load_samples,
     local_attention,
 )

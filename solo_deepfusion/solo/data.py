@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import CIFAR10, CIFAR100, STL10, DatasetFolder
 from torchvision.datasets.folder import default_loader
 
+from solo_deepfusion.errors import UsageError
 from solo_deepfusion.hub.cache import resolve_cache_dir
 
 CIFAR = ("cifar10", "cifar100")
@@ -53,6 +54,7 @@ TORCHVISION_LAYOUT = {
 __all__ = [
     "CIFAR",
     "BadImageError",
+    "MissingDataError",
     "builder_dataset",
     "check_local_data",
     "classification_loaders",
@@ -107,20 +109,25 @@ def _unpack(archive: Path, root: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+class MissingDataError(UsageError):
+    """A data path that holds no data (and would make torchvision download some)."""
+
+
 def check_local_data(dataset: str, path: str | os.PathLike | None, field: str) -> None:
     """Refuse a path where solo-learn would make torchvision download ``dataset``.
 
     For CIFAR and STL-10 solo-learn calls torchvision with ``download=True``: a typo in the path
     would silently fetch (and train on) other data. A folder of class sub-folders, or
     torchvision's own layout already there, is fine; anything else is a ``ValueError`` naming
-    ``field``, unless the user opted in with ``data.download=true``.
+    ``field`` (a :class:`MissingDataError`), unless the user opted in with
+    ``data.download=true``.
     """
     if dataset not in TORCHVISION_LAYOUT or path is None or is_image_folder(path):
         return
     if (Path(path) / TORCHVISION_LAYOUT[dataset]).is_dir():
         return
     why = "does not exist" if not Path(path).exists() else "holds no class sub-folders"
-    raise ValueError(
+    raise MissingDataError(
         f"{field}={path} {why}: no {dataset} there (class folders or torchvision's "
         f"{TORCHVISION_LAYOUT[dataset]}/); to let torchvision download it, add ++data.download=true"
     )

@@ -108,11 +108,7 @@ def linear_config(argv: Sequence[str]) -> tuple[DictConfig, PretrainedRun, Path 
     # The run decides the backbone (name, kwargs, stem); a recipe's backbone keys are replaced.
     cfg.backbone = run.cfg.backbone
     cfg.pretrain_method = run.cfg.method
-    try:
-        cfg = unpack_data_paths(cfg)
-    except ValueError as err:  # a data path where torchvision would download
-        raise UsageError(str(err)) from err
-    return parse_cfg(prepare_hardware(cfg)), run, args.output_json
+    return parse_cfg(prepare_hardware(unpack_data_paths(cfg))), run, args.output_json
 
 
 def _loss_and_mixup(cfg: DictConfig) -> tuple[nn.Module, Mixup | None]:
@@ -328,11 +324,8 @@ def run_knn(argv: Sequence[str]) -> dict[str, Any]:
     val_path = unpacked(args.val_path or data.val_path)
     if val_path is None:
         raise UsageError("the run has no data.val_path: give --val-path")
-    try:
-        check_local_data(dataset, train_path, "--train-path")
-        check_local_data(dataset, val_path, "--val-path")
-    except ValueError as err:
-        raise UsageError(str(err)) from err
+    check_local_data(dataset, train_path, "--train-path")
+    check_local_data(dataset, val_path, "--val-path")
     device = resolve_device(args.device)
 
     model = run.load().to(device)

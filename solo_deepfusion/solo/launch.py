@@ -287,11 +287,7 @@ def pretrain_config(argv: Sequence[str]) -> DictConfig:
         config_parser("solo-deepfusion pretrain"), rewrite_projector_args(argv)
     )
     cfg = compose_config(args.config_dir, args.config_name, overrides)
-    try:
-        cfg = unpack_data_paths(cfg)
-    except ValueError as err:  # a data path where torchvision would download
-        raise UsageError(str(err)) from err
-    cfg = parse_cfg(prepare_hardware(cfg))
+    cfg = parse_cfg(prepare_hardware(unpack_data_paths(cfg)))
     select_variant(cfg)
     # main_pretrain's crop rule, on the stock name: W-MSE and MAE take any number of crops.
     if cfg.data.num_large_crops != 2 and base_method(cfg.method) not in ("wmse", "mae"):

@@ -11,9 +11,9 @@ from solo.methods.base import BaseMethod
 from solo.utils.misc import omegaconf_select
 from solo.utils.momentum import initialize_momentum_params
 
-from solo_deepfusion.heads.transformer import check_choice
 from solo_deepfusion.hub.backbones import RESNET_STEMS, set_resnet_stem
 from solo_deepfusion.solo.checkpoints import read_checkpoint
+from solo_deepfusion.validation import check_choice
 
 STEMS = ("auto", *RESNET_STEMS)
 

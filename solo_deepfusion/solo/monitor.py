@@ -20,8 +20,6 @@ Turned on from a recipe with ``projector.fusion_monitor=true`` (see
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,6 +36,7 @@ from torch.utils.data import Dataset, Subset
 from solo_deepfusion.fusion import FusionStats, fusion_stats, scalar_metrics
 from solo_deepfusion.heads import TransformerProjector
 from solo_deepfusion.heads.diagnostics import CollapseStats, collapse_stats
+from solo_deepfusion.jsonl import append_jsonl, json_safe
 
 FUSION_LOG = "fusion.jsonl"
 # Keys of `cfg.projector` read by `fusion_monitor_from_cfg` and `collapse_monitor_from_cfg`,
@@ -57,7 +56,6 @@ __all__ = [
     "MONITOR_KEYS",
     "CollapseMonitor",
     "FusionMonitor",
-    "append_jsonl",
     "backbone_features",
     "balanced_indices",
     "collapse_monitor_from_cfg",
@@ -65,7 +63,6 @@ __all__ = [
     "evaluating",
     "fusion_head",
     "fusion_monitor_from_cfg",
-    "json_safe",
     "load_samples",
     "local_attention",
 ]
@@ -186,26 +183,6 @@ def backbone_features(model: nn.Module, images: torch.Tensor, chunk: int = 256) 
             for start in range(0, images.shape[0], chunk)
         ]
     )
-
-
-def json_safe(value: Any) -> Any:
-    """``value`` with every non-finite float (NaN, inf) replaced by ``None``, for strict JSON."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: json_safe(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(item) for item in value]
-    return value
-
-
-def append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    """Append ``record`` to ``path`` as one line of strict JSON (one write, then flush)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(json_safe(record), allow_nan=False) + "\n"
-    with path.open("a", encoding="utf-8") as file:
-        file.write(line)
-        file.flush()
 
 
 # ---------------------------------------------------------------------------------------------

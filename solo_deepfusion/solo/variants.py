@@ -22,7 +22,6 @@ from solo.utils.momentum import initialize_momentum_params
 from torch import nn
 
 from solo_deepfusion.heads import TransformerHeadConfig, build_projector
-from solo_deepfusion.heads.transformer import check_choice
 from solo_deepfusion.solo.context import (
     ContextProjector,
     JointContextMixin,
@@ -30,6 +29,7 @@ from solo_deepfusion.solo.context import (
 )
 from solo_deepfusion.solo.monitor import MONITOR_KEYS
 from solo_deepfusion.solo.param_groups import HeadOptimizer, split_head_group
+from solo_deepfusion.validation import check_choice
 
 # Every solo-learn method with a projection head (all but `mae` and `linear`).
 HEAD_METHODS = (

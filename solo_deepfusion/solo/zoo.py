@@ -28,8 +28,8 @@ from torch import nn
 from solo_deepfusion.atomic import atomic_path, write_json
 from solo_deepfusion.hub.download import download
 from solo_deepfusion.hub.manifest import PathLike, ZooEntry, get_entry
-from solo_deepfusion.hub.publish import git_commit
 from solo_deepfusion.hub.weights import load_state_dict, save_state_dict, upcast
+from solo_deepfusion.provenance import git_commit
 from solo_deepfusion.solo.checkpoints import read_args
 from solo_deepfusion.solo.data import CIFAR
 from solo_deepfusion.solo.model import build_model, model_from_checkpoint

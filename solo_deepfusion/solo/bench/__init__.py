@@ -49,6 +49,7 @@ grid loop) and :mod:`.cli` (the command line).
 
 from __future__ import annotations
 
+from solo_deepfusion.bench.records import SCHEMA, append_record, finished_cells, read_records
 from solo_deepfusion.errors import UsageError
 from solo_deepfusion.solo.bench.cli import main, parser
 from solo_deepfusion.solo.bench.data import prepare_data
@@ -64,7 +65,6 @@ from solo_deepfusion.solo.bench.grid import (
 )
 from solo_deepfusion.solo.bench.jobs import Job, make_job, pretrain_argv
 from solo_deepfusion.solo.bench.probe import BenchProbe, state_sha256
-from solo_deepfusion.solo.bench.records import SCHEMA, append_record, finished_cells, read_records
 from solo_deepfusion.solo.bench.runner import (
     GridSummary,
     execute_job,

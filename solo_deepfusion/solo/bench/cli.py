@@ -13,6 +13,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 from solo.utils.misc import omegaconf_select
 
+from solo_deepfusion.bench.records import finished_cells
 from solo_deepfusion.errors import UsageError
 from solo_deepfusion.solo import base_method
 from solo_deepfusion.solo.analysis import DATA_ENV, EVAL_BATCH_SIZES
@@ -30,7 +31,6 @@ from solo_deepfusion.solo.bench.grid import (
     has_override,
 )
 from solo_deepfusion.solo.bench.jobs import LINEAR_RECIPE, Job, make_job
-from solo_deepfusion.solo.bench.records import finished_cells
 from solo_deepfusion.solo.bench.runner import (
     Runner,
     run_grid,
@@ -38,6 +38,7 @@ from solo_deepfusion.solo.bench.runner import (
     run_job_in_process,
     run_job_subprocess,
 )
+from solo_deepfusion.solo.data import MissingDataError
 from solo_deepfusion.solo.launch import (
     RECIPES_DIR,
     CommandParser,
@@ -276,13 +277,13 @@ def _check_cells(jobs: Sequence[Job], *, data_ready: bool = True) -> None:
     """Compose every cell's pretraining config now, so a bad cell fails before any training.
 
     Without the data prepared (``--dry-run``), a check that needs the data folder (solo-learn
-    counts a custom dataset's classes) is reported and skipped.
+    counts a custom dataset's classes; CIFAR must be there) is reported and skipped.
     """
     skipped = 0
     for job in jobs:
         try:
             pretrain_config(job.pretrain_argv)
-        except OSError as err:
+        except (OSError, MissingDataError) as err:
             if data_ready:
                 raise UsageError(f"cell {job.cell_id} ({describe(job.key)}): {err}") from err
             skipped += 1

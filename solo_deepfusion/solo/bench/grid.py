@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from solo_deepfusion.bench_report import BASELINE
+from solo_deepfusion.bench import BASELINE
 from solo_deepfusion.errors import UsageError
 from solo_deepfusion.solo.analysis import EVAL_BATCH_SIZES
 from solo_deepfusion.solo.variants import PROJECTOR_KEYS

@@ -23,13 +23,14 @@ from solo.utils.checkpointer import Checkpointer
 from solo.utils.misc import omegaconf_select
 
 from solo_deepfusion.atomic import write_json
+from solo_deepfusion.bench.records import SCHEMA, append_record, environment, finished_cells
+from solo_deepfusion.jsonl import json_safe
 from solo_deepfusion.solo.bench.evaluation import evaluate_in_memory, head_cost, offline_metrics
 from solo_deepfusion.solo.bench.grid import describe
 from solo_deepfusion.solo.bench.jobs import Job
 from solo_deepfusion.solo.bench.probe import BenchProbe
-from solo_deepfusion.solo.bench.records import SCHEMA, append_record, environment, finished_cells
 from solo_deepfusion.solo.launch import run_pretrain
-from solo_deepfusion.solo.monitor import CollapseMonitor, json_safe
+from solo_deepfusion.solo.monitor import CollapseMonitor
 
 # ---------------------------------------------------------------------------------------------
 # One cell: train, evaluate, record

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from solo_deepfusion.hub.publish import git_commit
-from solo_deepfusion.solo.monitor import json_safe
+from solo_deepfusion.jsonl import json_safe
+from solo_deepfusion.provenance import git_commit
 
 SCHEMA = "solo-deepfusion/bench/1"
 _CHECKOUT = Path(__file__).resolve().parents[3]  # the repository, in a source checkout

@@ -43,9 +43,9 @@ from typing import Any
 import scipy.stats
 
 from solo_deepfusion.atomic import write_text
+from solo_deepfusion.bench import BASELINE
 from solo_deepfusion.fusion.plots import save_figure_atomic
 
-BASELINE = "mlp"
 AXES = ("batch_size", "temperature", "weight_decay", "depth")
 METRIC_NAMES = {
     "feature_linear_acc1": "linear (features)",
