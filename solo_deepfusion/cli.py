@@ -10,6 +10,9 @@ import argparse
 import importlib
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
+
+from solo_deepfusion.errors import UsageError
 
 # command -> (module, function taking the remaining argv, help)
 HOST_COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -44,6 +47,23 @@ LOCAL_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "zoo": (_zoo, "list, download, verify and export pretrained checkpoints"),
     "bench-report": (_bench_report, "tables and plot of bench results (no solo-learn needed)"),
 }
+
+
+def exit_status(command: Callable[[], Any]) -> int:
+    """Run ``command``; the one place errors become exit codes.
+
+    2 with a one-line ``error:`` for a :class:`~solo_deepfusion.errors.UsageError` (bad
+    command line, recipe or input); else the status ``command`` returned, 1 for an
+    interrupted Lightning trainer, 0 otherwise.
+    """
+    try:
+        result = command()
+    except UsageError as err:
+        print(f"error: {err.one_line()}", file=sys.stderr)
+        return 2
+    if isinstance(result, int) and not isinstance(result, bool):
+        return result
+    return 1 if getattr(result, "interrupted", False) else 0
 
 
 def _host_command(name: str) -> Callable[[Sequence[str]], int]:

@@ -25,8 +25,8 @@ from solo_deepfusion.solo.checkpoints import (
     read_checkpoint,
     unreadable,
 )
-from solo_deepfusion.solo.launch import RESUME_MATCH
 from solo_deepfusion.solo.model import build_model
+from solo_deepfusion.solo.run import RESUME_MATCH
 
 SMALL = {"name": "transformer", "preset": "small", "depth": 1, "dim": 32, "heads": 4}
 

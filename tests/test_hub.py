@@ -853,7 +853,7 @@ def test_cli_a_file_where_a_folder_belongs_is_a_usage_error(capsys, two_entries,
     assert code == 2
     assert (
         err.strip()
-        == f"solo-deepfusion zoo: error: {option} {not_a_folder} is a file, not a folder"
+        == f"error: solo-deepfusion zoo: {option} {not_a_folder} is a file, not a folder"
     )
 
 

@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from solo.methods import METHODS
 
 from solo_deepfusion.errors import UsageError
-from solo_deepfusion.solo import data, launch
+from solo_deepfusion.solo import data, launch, run
 
 pytestmark = pytest.mark.host
 SMALL = ("--projector", "transformer", "projector.preset=small")
@@ -55,24 +55,24 @@ def read_args(run: Path) -> dict:
     ],
 )
 def test_rewrite_projector_args(argv):
-    assert launch.rewrite_projector_args(argv) == ["a=1", "+projector=transformer"]
+    assert run.rewrite_projector_args(argv) == ["a=1", "+projector=transformer"]
 
 
 def test_rewrite_keeps_projector_fields_and_absence():
     argv = ["projector.depth=4", "+projector.x=1", "method=simclr"]
-    assert launch.rewrite_projector_args(argv) == argv
+    assert run.rewrite_projector_args(argv) == argv
 
 
 @pytest.mark.parametrize("argv", [["--projector"], ["--projector="], ["projector="]])
 def test_projector_needs_a_value(argv):
     with pytest.raises(UsageError, match="needs a value"):
-        launch.rewrite_projector_args(argv)
+        run.rewrite_projector_args(argv)
 
 
 def test_packaged_configs_join_the_search_path():
-    pkg = launch.PACKAGED_CONFIGS
-    assert launch.with_packaged_configs(["a=1"]) == ["a=1", f"hydra.searchpath=[{pkg}]"]
-    assert launch.with_packaged_configs(["hydra.searchpath=[file:///x]"]) == [
+    pkg = run.PACKAGED_CONFIGS
+    assert run.with_packaged_configs(["a=1"]) == ["a=1", f"hydra.searchpath=[{pkg}]"]
+    assert run.with_packaged_configs(["hydra.searchpath=[file:///x]"]) == [
         f"hydra.searchpath=[file:///x,{pkg}]"
     ]
 
@@ -91,9 +91,9 @@ def test_packaged_configs_join_the_search_path():
     ],
 )
 def test_devices_in_every_form(devices, accelerator, indices, for_lightning):
-    assert launch.device_indices(devices, accelerator) == indices
+    assert run.device_indices(devices, accelerator) == indices
     cfg = OmegaConf.create({"devices": indices, "accelerator": accelerator})
-    assert launch.lightning_devices(cfg) == for_lightning
+    assert run.lightning_devices(cfg) == for_lightning
 
 
 @pytest.mark.parametrize(
@@ -103,7 +103,7 @@ def test_cpu_settings(precision, expected):
     cfg = OmegaConf.create(
         {"accelerator": "cpu", "devices": "1", "precision": precision, "sync_batchnorm": True}
     )
-    cfg = launch.prepare_hardware(cfg)
+    cfg = run.prepare_hardware(cfg)
     assert (cfg.precision, cfg.sync_batchnorm, list(cfg.devices)) == (expected, False, [0])
 
 
@@ -413,9 +413,9 @@ def test_a_data_path_typo_is_refused_and_nothing_is_downloaded(quick_args, tmp_p
     assert err.startswith(f"error: data.train_path={missing}/train does not exist: no cifar10")
     assert "++data.download=true" in err
     assert not (tmp_path / "nonexistent").exists()
-    # opting in hands the path to torchvision, as solo-learn does
+    # the config itself composes; opting in hands the path to torchvision, as solo-learn does
     cfg = launch.pretrain_config([*argv, "++data.download=true"])
-    assert cfg.data.train_path == f"{missing}/train"
+    assert cfg.data.train_path == f"{missing}/train" and cfg.data.download
 
 
 def test_images_without_class_folders_are_refused(quick_args, cifar_tiny, tmp_path, capsys):

@@ -44,6 +44,8 @@ import scipy.stats
 
 from solo_deepfusion.atomic import write_text
 from solo_deepfusion.bench import BASELINE
+from solo_deepfusion.cli import exit_status
+from solo_deepfusion.errors import UsageError
 from solo_deepfusion.fusion.plots import save_figure_atomic
 
 AXES = ("batch_size", "temperature", "weight_decay", "depth")
@@ -710,14 +712,17 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """``solo-deepfusion bench-report``: 0, or 2 for missing files or no usable record."""
     args = parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    return exit_status(lambda: write_report(args))
+
+
+def write_report(args: argparse.Namespace) -> None:
+    """The report (and plot) of parsed ``args``; missing input is a ``UsageError``."""
     missing = [str(p) for p in (*args.results, *filter(None, [args.verdict])) if not p.is_file()]
     if missing:
-        print(f"error: no such file: {', '.join(missing)}", file=sys.stderr)
-        return 2
+        raise UsageError(f"no such file: {', '.join(missing)}")
     results = load_results(args.results)
     if not results.records:
-        print("error: no finished (status ok) record in the results", file=sys.stderr)
-        return 2
+        raise UsageError("no finished (status ok) record in the results")
     metrics = metric_names(results, args.metrics)
     plot_ref = None
     if args.plot is not None:
@@ -737,7 +742,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         write_text(args.out, text)
         print(f"wrote {args.out}" + (f" and {args.plot}" if args.plot else ""))
-    return 0
 
 
 if __name__ == "__main__":

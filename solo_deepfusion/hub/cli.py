@@ -22,6 +22,8 @@ from typing import Any
 import yaml
 
 from solo_deepfusion._host import host_problem
+from solo_deepfusion.cli import exit_status
+from solo_deepfusion.errors import UsageError
 
 from .download import download
 from .errors import ZooError
@@ -225,10 +227,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
     except SystemExit as exit_:  # --help, or a usage error argparse already printed
         return 0 if exit_.code is None else int(exit_.code)
+    return exit_status(lambda: _run(parser, args))
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """A bad folder argument is a usage error (2); a zoo, file or disk failure returns 1."""
     problem = _folder_problem(args)
     if problem is not None:
-        print(f"{parser.prog}: error: {problem}", file=sys.stderr)
-        return 2
+        raise UsageError(f"{parser.prog}: {problem}")
     try:
         return args.func(args)
     except (ZooError, ValueError, OSError) as err:  # OSError: FileExistsError, a full disk ...

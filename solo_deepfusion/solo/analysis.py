@@ -40,7 +40,9 @@ from torch.utils.data import DataLoader, Subset
 from torchvision.datasets import ImageFolder
 
 from solo_deepfusion.atomic import write_json
+from solo_deepfusion.cli import exit_status
 from solo_deepfusion.devices import resolve_device
+from solo_deepfusion.errors import UsageError
 from solo_deepfusion.fusion import (
     FusionStats,
     format_table,
@@ -52,7 +54,7 @@ from solo_deepfusion.fusion import (
 )
 from solo_deepfusion.jsonl import json_safe
 from solo_deepfusion.solo.checkpoints import find_run
-from solo_deepfusion.solo.data import BadImageError, guard_images
+from solo_deepfusion.solo.data import guard_images
 from solo_deepfusion.solo.monitor import (
     FUSION_LOG,
     backbone_features,
@@ -345,13 +347,11 @@ def default_out_dir(checkpoint: str | os.PathLike, weights: Path) -> Path:
     return weights.parent / "fusion"
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``solo-deepfusion fusion``; returns 0, or 2 for bad arguments or inputs."""
-    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+def run_fusion(args: argparse.Namespace) -> None:
+    """``solo-deepfusion fusion`` with parsed ``args``; bad input is a :class:`UsageError`."""
     data = args.data or _default_data()
     if data is None:
-        print(f"error: give --data or set {DATA_ENV} to a folder with test/", file=sys.stderr)
-        return 2
+        raise UsageError(f"give --data or set {DATA_ENV} to a folder with test/")
     try:
         result = analyse_checkpoint(
             args.checkpoint,
@@ -366,15 +366,18 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             num_workers=args.workers,
         )
-    except BadImageError as err:
-        print(f"error: {err.one_line()}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except UsageError:
+        raise
+    except (FileNotFoundError, ValueError) as err:  # the analysis names what is wrong
+        raise UsageError(str(err)) from err
     out = args.out or default_out_dir(args.checkpoint, Path(result["checkpoint"]))
     print(f"\nwrote {out}/heatmaps.png, fusion_ratio.png, fusion.json")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``solo-deepfusion fusion``; returns 0, or 2 for bad arguments or inputs."""
+    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+    return exit_status(lambda: run_fusion(args))
 
 
 if __name__ == "__main__":

@@ -134,22 +134,25 @@ def check_local_data(dataset: str, path: str | os.PathLike | None, field: str) -
 
 
 def unpack_data_paths(cfg: DictConfig) -> DictConfig:
-    """Apply :func:`unpacked` to ``data.train_path`` and ``data.val_path``, then
-    :func:`check_local_data` (skipped with ``data.download=true``)."""
+    """Apply :func:`unpacked` to ``data.train_path`` and ``data.val_path``."""
     for key in ("train_path", "val_path"):
         if key in cfg.data:
             cfg.data[key] = unpacked(cfg.data[key])
-            if not cfg.data.get("download", False):
-                check_local_data(cfg.data.dataset, cfg.data[key], f"data.{key}")
     return cfg
 
 
-class BadImageError(ValueError):
-    """A file of an image folder that PIL cannot read (empty, truncated, not an image)."""
+def check_data_paths(cfg: DictConfig) -> None:
+    """:func:`check_local_data` of ``data.train_path`` and ``data.val_path``, before any loader
+    is built (skipped with ``data.download=true``)."""
+    if cfg.data.get("download", False):
+        return
+    for key in ("train_path", "val_path"):
+        if key in cfg.data:
+            check_local_data(cfg.data.dataset, cfg.data[key], f"data.{key}")
 
-    def one_line(self) -> str:
-        """The message, also when a DataLoader worker wrapped it in its traceback."""
-        return str(self).strip().splitlines()[-1].removeprefix(f"{__name__}.BadImageError: ")
+
+class BadImageError(UsageError):
+    """A file of an image folder that PIL cannot read (empty, truncated, not an image)."""
 
 
 def checked_image_loader(path: str):

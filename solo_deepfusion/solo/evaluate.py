@@ -40,23 +40,24 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from solo_deepfusion.atomic import write_json
+from solo_deepfusion.cli import exit_status
 from solo_deepfusion.devices import resolve_device
 from solo_deepfusion.errors import UsageError
 from solo_deepfusion.solo.checkpoints import PretrainedRun, find_run
 from solo_deepfusion.solo.data import (
+    check_data_paths,
     check_local_data,
     classification_loaders,
     eval_datasets,
     unpack_data_paths,
     unpacked,
 )
-from solo_deepfusion.solo.launch import (
+from solo_deepfusion.solo.run import (
     CommandParser,
     checkpoint_callbacks,
     compose_config,
     config_parser,
     dali_module,
-    exit_status,
     make_logger,
     make_trainer,
     parse_config_args,
@@ -162,6 +163,7 @@ def run_linear(argv: Sequence[str]) -> dict[str, Any]:
     make_contiguous(model)
     if not cfg.performance.disable_channel_last:
         model = model.to(memory_format=torch.channels_last)
+    check_data_paths(cfg)
     data, val_loader = _linear_data(cfg)
 
     logdir = Path(cfg.checkpoint.dir) / "linear"

@@ -17,238 +17,42 @@ the CPU settings (:func:`prepare_hardware`), CIFAR kept as an ImageFolder
 
 from __future__ import annotations
 
-import argparse
-import csv
-import importlib.resources
-import inspect
-import os
-import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from types import ModuleType
-from typing import Any, NoReturn
 
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.errors import HydraException, MissingConfigException
-from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
-from lightning.pytorch.callbacks import LearningRateMonitor
-from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
-from lightning.pytorch.strategies import DDPStrategy
-from omegaconf import DictConfig, OmegaConf
+from lightning.pytorch import Callback, Trainer, seed_everything
+from omegaconf import DictConfig
 from solo.args.pretrain import parse_cfg
 from solo.methods import METHODS
-from solo.utils.auto_resumer import AutoResumer
-from solo.utils.checkpointer import Checkpointer
 from solo.utils.misc import make_contiguous, omegaconf_select
 
+from solo_deepfusion.cli import exit_status
 from solo_deepfusion.errors import UsageError
 from solo_deepfusion.solo import base_method, register, variant_name
-from solo_deepfusion.solo.checkpoints import (
-    AtomicCheckpointer,
-    SoloCheckpointIO,
-    find_resumable,
-    unreadable,
-)
 from solo_deepfusion.solo.data import (
-    BadImageError,
+    check_data_paths,
     pretrain_loader,
     pretrain_val_loader,
     unpack_data_paths,
 )
 from solo_deepfusion.solo.model import build_model
 from solo_deepfusion.solo.monitor import collapse_monitor_from_cfg, fusion_monitor_from_cfg
+from solo_deepfusion.solo.run import (
+    checkpoint_callbacks,
+    compose_config,
+    config_parser,
+    dali_module,
+    make_logger,
+    make_trainer,
+    parse_config_args,
+    prepare_hardware,
+    resume_checkpoint,
+    rewrite_projector_args,
+)
 
-PACKAGED_CONFIGS = "pkg://solo_deepfusion.configs"
-RECIPES_DIR = Path(str(importlib.resources.files("solo_deepfusion.configs") / "recipes"))
-_PROJECTOR_OVERRIDE = re.compile(r"(?:--|\+{1,2})?projector=(.*)")
-# fp16 autocast, which Lightning refuses on CPU.
-_FP16_MIXED = {16, "16", "16-mixed"}
-
-__all__ = [
-    "PACKAGED_CONFIGS",
-    "RECIPES_DIR",
-    "RESUME_MATCH",
-    "CommandParser",
-    "UsageError",
-    "checkpoint_callbacks",
-    "compose_config",
-    "config_parser",
-    "dali_module",
-    "device_indices",
-    "exit_status",
-    "lightning_devices",
-    "make_logger",
-    "make_trainer",
-    "parse_config_args",
-    "prepare_hardware",
-    "pretrain",
-    "pretrain_config",
-    "resume_checkpoint",
-    "rewrite_projector_args",
-    "run_pretrain",
-    "select_variant",
-    "split_projector",
-    "with_packaged_configs",
-]
-
-
-class CommandParser(argparse.ArgumentParser):
-    """An argparse parser whose errors raise :class:`UsageError` (exit status 2 in the CLI)."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{self.prog}: {message}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line and config
-
-
-def split_projector(argv: Sequence[str]) -> tuple[str | None, list[str]]:
-    """Take the projector choice out of ``argv``: ``(name or None, the other arguments)``.
-
-    Accepts ``--projector X``, ``--projector=X``, ``projector=X``, ``+projector=X`` (and
-    ``++projector=X``); the last one given wins, as with Hydra overrides.
-    """
-    name, rest = None, []
-    tokens = iter(argv)
-    for token in tokens:
-        if token == "--projector":
-            name = next(tokens, "")
-        elif match := _PROJECTOR_OVERRIDE.fullmatch(token):
-            name = match.group(1)
-        else:
-            rest.append(token)
-            continue
-        if not name:
-            raise UsageError("--projector needs a value (mlp, transformer, mlp_matched, ...)")
-    return name, rest
-
-
-def rewrite_projector_args(argv: Sequence[str]) -> list[str]:
-    """``argv`` with its projector choice as the one Hydra accepts on a stock recipe.
-
-    Stock recipes have no ``projector`` in their defaults list, so Hydra's struct mode only takes
-    the append form ``+projector=X`` (and its argparse rejects ``--projector``).
-    """
-    name, rest = split_projector(argv)
-    return rest if name is None else [*rest, f"+projector={name}"]
-
-
-def config_parser(prog: str) -> argparse.ArgumentParser:
-    """Hydra's ``--config-path/-cp`` and ``--config-name/-cn``; add a command's own options."""
-    parser = CommandParser(prog=prog, allow_abbrev=False)
-    parser.add_argument(
-        "--config-path", "-cp", type=Path, help=f"recipe folder (default: {RECIPES_DIR})"
-    )
-    parser.add_argument("--config-name", "-cn", required=True, help="recipe, e.g. simclr.yaml")
-    return parser
-
-
-def parse_config_args(
-    parser: argparse.ArgumentParser, argv: Sequence[str]
-) -> tuple[argparse.Namespace, list[str]]:
-    """Parse the options; the rest are Hydra overrides. Sets ``config_dir`` (absolute)."""
-    args, overrides = parser.parse_known_args(list(argv))
-    unknown = [token for token in overrides if token.startswith("-")]
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    config_dir = (args.config_path or RECIPES_DIR).expanduser().resolve()
-    if not config_dir.is_dir():
-        parser.error(f"--config-path {config_dir} is not a folder")
-    args.config_dir = config_dir
-    return args, overrides
-
-
-def with_packaged_configs(overrides: Sequence[str]) -> list[str]:
-    """Put the packaged config groups (``projector``) on Hydra's search path, keeping the user's.
-
-    Note: a command-line ``hydra.searchpath`` replaces one set in the recipe itself.
-    """
-    out, extended = [], False
-    for override in overrides:
-        key, sep, value = override.partition("=")
-        if sep and key.lstrip("+") == "hydra.searchpath":
-            entries = value.strip().removeprefix("[").removesuffix("]").strip()
-            override = f"{key}=[{entries + ',' if entries else ''}{PACKAGED_CONFIGS}]"
-            extended = True
-        out.append(override)
-    return out if extended else [*out, f"hydra.searchpath=[{PACKAGED_CONFIGS}]"]
-
-
-def compose_config(config_dir: Path, config_name: str, overrides: Sequence[str]) -> DictConfig:
-    """The recipe with its overrides, as ``@hydra.main`` hands it to ``main_pretrain``.
-
-    Struct mode is off (as ``main_pretrain`` does) and interpolations are resolved, so that
-    ``args.json`` records the values the run used (e.g. ``${oc.env:SOLO_DEEPFUSION_DATA}``).
-    """
-    try:
-        with initialize_config_dir(config_dir=str(config_dir), version_base="1.2"):
-            cfg = compose(config_name, overrides=with_packaged_configs(overrides))
-    except MissingConfigException as err:
-        group, _, choice = (err.missing_cfg_file or "").partition("/")
-        if group == "projector" and err.options:
-            raise UsageError(
-                f"unknown projector {choice!r}; choose from: {', '.join(sorted(err.options))}"
-            ) from err
-        raise UsageError(str(err)) from err
-    except HydraException as err:
-        raise UsageError(str(err)) from err
-    OmegaConf.set_struct(cfg, False)
-    OmegaConf.resolve(cfg)
-    return cfg
-
-
-# ---------------------------------------------------------------------------------------------
-# Hardware
-
-
-def device_indices(devices: Any, accelerator: str) -> list[int]:
-    """``devices`` as a list of indices, whatever form the recipe or command line used.
-
-    solo-learn's ``parse_cfg`` scales the LR by ``len(devices)``, so an int breaks it, while
-    Lightning's CPU accelerator rejects lists: a list is kept in the config and
-    :func:`lightning_devices` gives Lightning what it takes. ``auto``/``-1``: every GPU, or one
-    CPU process.
-    """
-    if isinstance(devices, str):
-        devices = devices.strip()
-        if "," in devices:
-            return [int(d) for d in devices.split(",") if d.strip()]
-        devices = devices if devices == "auto" else int(devices)
-    if devices in (None, "auto", -1):
-        count = torch.cuda.device_count() if accelerator != "cpu" else 1
-        return list(range(count))
-    if isinstance(devices, int):
-        return list(range(devices))
-    return [int(d) for d in devices]
-
-
-def lightning_devices(cfg: DictConfig) -> int | list[int]:
-    """What ``Trainer(devices=...)`` takes for ``cfg.devices``: a count on CPU, else the list."""
-    return len(cfg.devices) if cfg.accelerator == "cpu" else list(cfg.devices)
-
-
-def prepare_hardware(cfg: DictConfig) -> DictConfig:
-    """Make the recipe's Lightning settings valid on this accelerator (call before parse_cfg).
-
-    Stock recipes ask for GPUs with ``sync_batchnorm: True`` and ``precision: 16-mixed``. On
-    CPU, SyncBatchNorm needs GPU tensors and Lightning refuses fp16 autocast, so they become
-    ``False`` and ``32`` (not ``bf16-mixed``: it is slow on CPUs without bf16 units and changes
-    the numbers of a run that only asked for speed). An explicit ``bf16-mixed`` is kept.
-    """
-    accelerator = omegaconf_select(cfg, "accelerator", "auto")
-    if accelerator == "auto":
-        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
-    cfg.accelerator = accelerator
-    cfg.devices = device_indices(omegaconf_select(cfg, "devices", "auto"), accelerator)
-    if accelerator == "cpu":
-        cfg.sync_batchnorm = False
-        if omegaconf_select(cfg, "precision", 32) in _FP16_MIXED:
-            print(f"precision={cfg.precision}: no fp16 autocast on CPU; using precision=32")
-            cfg.precision = 32
-    return cfg
+__all__ = ["pretrain", "pretrain_config", "run_pretrain", "select_variant"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,127 +99,6 @@ def pretrain_config(argv: Sequence[str]) -> DictConfig:
     return cfg
 
 
-# ---------------------------------------------------------------------------------------------
-# Resuming, logging, the trainer
-
-
-# Keys a run's args.json must share with the relaunched command for auto-resume (solo-learn's,
-# plus the projector: a depth-4 head never resumes a depth-10 one).
-RESUME_MATCH = (*AutoResumer.SHOULD_MATCH, "projector")
-
-
-def resume_checkpoint(cfg: DictConfig, logdir: Path) -> tuple[str | None, str | None]:
-    """``(checkpoint to resume or None, its wandb run id)``, as main_pretrain decides it, but
-    only from complete checkpoints with their ``args.json`` (:func:`find_resumable`)."""
-    if cfg.resume_from_checkpoint is not None:
-        path = cfg.resume_from_checkpoint
-        del cfg.resume_from_checkpoint  # as main_pretrain: not recorded in args.json
-        problem = unreadable(Path(path))
-        if problem is not None:
-            raise UsageError(f"resume_from_checkpoint={path}: {problem}")
-        return path, None
-    if not cfg.auto_resume.enabled:
-        return None, None
-    path, run_id = find_resumable(logdir, cfg, RESUME_MATCH, cfg.auto_resume.max_hours)
-    if path is None:
-        return None, None
-    print(f"Resuming from previous checkpoint that matches specifications: '{path}'")
-    return str(path), run_id
-
-
-def make_logger(
-    cfg: DictConfig,
-    logdir: Path,
-    wandb_run_id: str | None,
-    model: LightningModule,
-    resumed: str | None = None,
-) -> Logger:
-    """wandb when the recipe enables it (watching ``model``, as solo-learn's mains), else a CSV
-    log in the run's checkpoint folder.
-
-    With no logger, Lightning would start its default one in ``./lightning_logs``; the CSV
-    log's version is the folder name solo-learn's Checkpointer gives offline runs, so metrics,
-    ``args.json`` and the checkpoint share ``<checkpoint.dir>/<method>/<version>/``. A run
-    that resumes a checkpoint of ``<logdir>/<version>/`` (``resumed``) keeps that folder, and
-    its ``metrics.csv`` continues the old one.
-    """
-    if cfg.wandb.enabled:
-        logger = WandbLogger(
-            name=cfg.name,
-            project=cfg.wandb.project,
-            entity=cfg.wandb.entity,
-            offline=cfg.wandb.offline,
-            resume="allow" if wandb_run_id else None,
-            id=wandb_run_id,
-        )
-        logger.watch(model, log="gradients", log_freq=100)
-        logger.log_hyperparams(OmegaConf.to_container(cfg))
-        return logger
-    if resumed is not None and Path(resumed).resolve().parent.parent == logdir.resolve():
-        logger = CSVLogger(logdir.parent, name=logdir.name, version=Path(resumed).parent.name)
-        metrics = Path(logger.log_dir) / "metrics.csv"
-        if metrics.is_file():  # keep the old rows: the writer rewrites with the union header
-            with open(metrics, newline="") as fh:
-                logger.experiment.metrics_keys = next(csv.reader(fh), [])
-        return logger
-    taken = set(os.listdir(logdir)) if logdir.is_dir() else set()
-    version = "offline-" + Checkpointer.random_string()
-    while version in taken:
-        version = "offline-" + Checkpointer.random_string()
-    return CSVLogger(save_dir=logdir.parent, name=logdir.name, version=version)
-
-
-def make_trainer(cfg: DictConfig, logger: Logger, callbacks: Sequence[Callback]) -> Trainer:
-    """A Trainer from the config's Trainer keys (as main_pretrain), with the fixes above."""
-    valid = inspect.signature(Trainer.__init__).parameters
-    kwargs = {k: v for k, v in OmegaConf.to_container(cfg).items() if k in valid}
-    strategy = cfg.strategy or "auto"
-    kwargs.update(
-        devices=lightning_devices(cfg),
-        strategy=DDPStrategy(find_unused_parameters=False) if strategy == "ddp" else strategy,
-        logger=logger,
-        callbacks=[*callbacks, LearningRateMonitor(logging_interval="step")],
-        enable_checkpointing=False,
-        plugins=[SoloCheckpointIO()],
-    )
-    return Trainer(**kwargs)
-
-
-def checkpoint_callbacks(cfg: DictConfig, logdir: Path) -> list[Callback]:
-    """solo-learn's Checkpointer (args.json + ckpt) and AutoUMAP, when the recipe enables them."""
-    callbacks: list[Callback] = []
-    if cfg.checkpoint.enabled:
-        callbacks.append(
-            AtomicCheckpointer(
-                cfg,
-                logdir=logdir,
-                frequency=cfg.checkpoint.frequency,
-                keep_prev=cfg.checkpoint.keep_prev,
-            )
-        )
-    if omegaconf_select(cfg, "auto_umap.enabled", False):
-        from solo.utils.auto_umap import AutoUMAP  # needs solo-learn's [umap] extra
-
-        umap_dir = os.path.join(cfg.auto_umap.dir, cfg.method)
-        callbacks.append(AutoUMAP(cfg.name, logdir=umap_dir, frequency=cfg.auto_umap.frequency))
-    return callbacks
-
-
-# ---------------------------------------------------------------------------------------------
-# Pretraining
-
-
-def dali_module(cfg: DictConfig) -> ModuleType:
-    """:mod:`solo_deepfusion.solo.dali`, once DALI and ``dali.device`` are known to work here."""
-    try:
-        from solo_deepfusion.solo import dali
-
-        dali.check_dali_device(cfg.dali.device)
-    except (ImportError, ValueError) as err:
-        raise UsageError(f"data.format=dali: {err}") from err
-    return dali
-
-
 def run_pretrain(argv: Sequence[str], callbacks: Sequence[Callback] = ()) -> Trainer:
     """Pretrain as the command line says; returns the fitted Trainer.
 
@@ -431,6 +114,7 @@ def run_pretrain(argv: Sequence[str], callbacks: Sequence[Callback] = ()) -> Tra
     if not cfg.performance.disable_channel_last:
         model = model.to(memory_format=torch.channels_last)
 
+    check_data_paths(cfg)
     val_loader = pretrain_val_loader(cfg)
     if cfg.data.format == "dali":
         data = {"datamodule": dali_module(cfg).pretrain_datamodule(cfg, val_loader)}
@@ -458,20 +142,6 @@ def run_pretrain(argv: Sequence[str], callbacks: Sequence[Callback] = ()) -> Tra
     trainer = make_trainer(cfg, logger, [*checkpoint_callbacks(cfg, logdir), *callbacks])
     trainer.fit(model, ckpt_path=ckpt_path, **data)
     return trainer
-
-
-def exit_status(command: Callable[[], Any]) -> int:
-    """Run ``command``: 0, or 2 with a one-line ``error:`` for bad input (a
-    :class:`UsageError`, or an image the data cannot be read from), 1 if it was interrupted."""
-    try:
-        result = command()
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except BadImageError as err:
-        print(f"error: {err.one_line()}", file=sys.stderr)
-        return 2
-    return 1 if isinstance(result, Trainer) and result.interrupted else 0
 
 
 def pretrain(argv: Sequence[str], callbacks: Sequence[Callback] = ()) -> int:

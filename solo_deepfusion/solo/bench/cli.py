@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from solo.utils.misc import omegaconf_select
 
 from solo_deepfusion.bench.records import finished_cells
+from solo_deepfusion.cli import exit_status
 from solo_deepfusion.errors import UsageError
 from solo_deepfusion.solo import base_method
 from solo_deepfusion.solo.analysis import DATA_ENV, EVAL_BATCH_SIZES
@@ -38,13 +39,8 @@ from solo_deepfusion.solo.bench.runner import (
     run_job_in_process,
     run_job_subprocess,
 )
-from solo_deepfusion.solo.data import MissingDataError
-from solo_deepfusion.solo.launch import (
-    RECIPES_DIR,
-    CommandParser,
-    compose_config,
-    pretrain_config,
-)
+from solo_deepfusion.solo.launch import pretrain_config
+from solo_deepfusion.solo.run import RECIPES_DIR, CommandParser, compose_config
 
 PREDICTOR_METHODS = ("byol", "mocov3", "nnbyol", "nnclr", "nnsiam", "simsiam")
 MOMENTUM_METHODS = ("all4one", "byol", "dino", "mocov2plus", "mocov3", "nnbyol", "ressl")
@@ -277,13 +273,13 @@ def _check_cells(jobs: Sequence[Job], *, data_ready: bool = True) -> None:
     """Compose every cell's pretraining config now, so a bad cell fails before any training.
 
     Without the data prepared (``--dry-run``), a check that needs the data folder (solo-learn
-    counts a custom dataset's classes; CIFAR must be there) is reported and skipped.
+    counts a custom dataset's classes) is reported and skipped.
     """
     skipped = 0
     for job in jobs:
         try:
             pretrain_config(job.pretrain_argv)
-        except (OSError, MissingDataError) as err:
+        except OSError as err:
             if data_ready:
                 raise UsageError(f"cell {job.cell_id} ({describe(job.key)}): {err}") from err
             skipped += 1
@@ -327,23 +323,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--run-job"]:
         return run_job_file(Path(argv[1]))
-    try:
-        args = parser().parse_args(argv)
-        _, cells, recipe = build_study(args)
-        results = args.results
-        if args.dry_run:
-            _print_grid(cells, finished_cells(results))
-        jobs = _jobs(args, cells, recipe, prepare=not args.dry_run)
-        if not args.no_check:
-            _check_cells(jobs, data_ready=not args.dry_run)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return exit_status(lambda: run_bench(argv))
+
+
+def run_bench(argv: Sequence[str]) -> int:
+    """The grid of ``argv``: checked, then run (unless ``--dry-run``); 1 if a cell failed."""
+    args = parser().parse_args(argv)
+    _, cells, recipe = build_study(args)
+    if args.dry_run:
+        _print_grid(cells, finished_cells(args.results))
+    jobs = _jobs(args, cells, recipe, prepare=not args.dry_run)
+    if not args.no_check:
+        _check_cells(jobs, data_ready=not args.dry_run)
     if args.dry_run:
         return 0
     summary = run_grid(
         jobs,
-        results,
+        args.results,
         _runner(args),
         retry_failed=not args.skip_failed,
         time_budget_s=args.time_budget,
@@ -351,6 +347,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"bench: {len(summary.ran)} ran, {len(summary.skipped)} already done, "
         f"{len(summary.failed)} failed, {len(summary.remaining)} left by the time budget; "
-        f"results in {results}"
+        f"results in {args.results}"
     )
     return 1 if summary.failed else 0
