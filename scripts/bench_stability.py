@@ -31,10 +31,10 @@ from torch import nn
 from torchvision.datasets import ImageFolder
 
 from solo_deepfusion.atomic import write_text
+from solo_deepfusion.datasets import prepare_data
 from solo_deepfusion.heads.diagnostics import collapse_stats
 from solo_deepfusion.hub import load_backbone
 from solo_deepfusion.jsonl import append_jsonl
-from solo_deepfusion.solo.bench.data import prepare_data
 from solo_deepfusion.solo.bench.grid import ProjectorSpec
 from solo_deepfusion.solo.launch import pretrain_config
 from solo_deepfusion.solo.model import build_model

@@ -31,12 +31,10 @@ import argparse
 import datetime as dt
 import json
 import os
-import shutil
 import sys
-import tarfile
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +42,8 @@ from typing import Any
 import yaml
 
 from solo_deepfusion.atomic import write_text
+from solo_deepfusion.datasets import DataPaths, prepare_data
+from solo_deepfusion.errors import UsageError
 from solo_deepfusion.hub import sha256_file
 from solo_deepfusion.hub.publish import file_record, update_manifest
 from solo_deepfusion.provenance import git_commit
@@ -81,61 +81,10 @@ class Build:
 # ----------------------------------------------------------------------------- data
 
 
-def unpack(archives: Path, target: Path) -> Path:
-    """``archives/{train,test}.tar.gz`` unpacked into ``target`` (once; a marker file says so)."""
-    marker = target / ".complete"
-    if not marker.is_file():
-        for split in ("train", "test"):
-            shutil.rmtree(target / split, ignore_errors=True)
-            with tarfile.open(archives / f"{split}.tar.gz") as tar:
-                tar.extractall(target, filter="data")
-        marker.touch()
-    return target
-
-
-def has_folders(source: Path) -> bool:
-    return (source / "train").is_dir() and (source / "test").is_dir()
-
-
-def resolve_data(source: Path, work: Path) -> Path:
-    """A folder with ``train/`` and ``test/`` ImageFolders, from folders or archives."""
-    if has_folders(source):
-        return source
-    if (source / "train.tar.gz").is_file() and (source / "test.tar.gz").is_file():
-        return unpack(source, work / "data" / "cifar10")
-    raise SystemExit(f"{source} holds neither train/ + test/ nor train.tar.gz + test.tar.gz")
-
-
-def _images(source: Path, split: str) -> Iterator[tuple[str, str, bytes]]:
-    """``(class, file name, bytes)`` of a split, from its folder or its archive, in order."""
-    if has_folders(source):
-        for class_dir in sorted(p for p in (source / split).iterdir() if p.is_dir()):
-            for image in sorted(class_dir.iterdir()):
-                yield class_dir.name, image.name, image.read_bytes()
-        return
-    with tarfile.open(source / f"{split}.tar.gz") as tar:
-        for member in tar:
-            parts = Path(member.name).parts
-            if member.isfile() and len(parts) == 3:
-                yield parts[1], parts[2], tar.extractfile(member).read()
-
-
-def cut_data(source: Path, target: Path, per_class: dict[str, int]) -> Path:
-    """The first ``per_class[split]`` images of each class of ``source``, written to ``target``."""
-    for split, n in per_class.items():
-        taken: dict[str, int] = {}
-        for label, name, data in _images(source, split):
-            if taken.get(label, 0) < n:
-                taken[label] = taken.get(label, 0) + 1
-                (target / split / label).mkdir(parents=True, exist_ok=True)
-                (target / split / label / name).write_bytes(data)
-    return target
-
-
 # ----------------------------------------------------------------------------- steps
 
 
-def pretrain(entry: str, data: Path, run_dir: Path, smoke: bool) -> tuple[Path, float | None]:
+def pretrain(entry: str, data: DataPaths, run_dir: Path, smoke: bool) -> tuple[Path, float | None]:
     """Train ``entry``'s recipe; the last checkpoint and the final online linear acc@1 (%)."""
     from solo.utils.checkpointer import Checkpointer
 
@@ -143,7 +92,7 @@ def pretrain(entry: str, data: Path, run_dir: Path, smoke: bool) -> tuple[Path, 
 
     argv = [
         "--config-path", str(RECIPES), "--config-name", entry,
-        f"data.train_path={data / 'train'}", f"data.val_path={data / 'test'}",
+        f"data.train_path={data.train}", f"data.val_path={data.val}",
         f"checkpoint.dir={run_dir}", "auto_resume.enabled=False", "wandb.enabled=False",
         *(SMOKE_PRETRAIN if smoke else []),
     ]  # fmt: skip
@@ -155,13 +104,13 @@ def pretrain(entry: str, data: Path, run_dir: Path, smoke: bool) -> tuple[Path, 
     return Path(checkpointer.last_ckpt), None if online is None else float(online)
 
 
-def knn_metrics(run: Path, data: Path) -> list[dict[str, Any]]:
+def knn_metrics(run: Path, data: DataPaths) -> list[dict[str, Any]]:
     """Weighted k-NN acc@1 (%) of the backbone features, test split, one metric per k."""
     from solo_deepfusion.solo.evaluate import run_knn
 
     argv = [
         "--checkpoint-dir", str(run),
-        "--train-path", str(data / "train"), "--val-path", str(data / "test"),
+        "--train-path", str(data.train), "--val-path", str(data.val),
         "--k", *map(str, KNN_K), "--temperature", str(KNN_TEMPERATURE),
         "--feature-type", "backbone", "--device", "cpu", "--num-workers", "2",
     ]  # fmt: skip
@@ -182,13 +131,13 @@ def knn_metrics(run: Path, data: Path) -> list[dict[str, Any]]:
     ]
 
 
-def linear_metrics(run: Path, data: Path, work: Path, smoke: bool) -> list[dict[str, Any]]:
+def linear_metrics(run: Path, data: DataPaths, work: Path, smoke: bool) -> list[dict[str, Any]]:
     """Offline linear probe acc@1 (%) on the frozen backbone, packaged ``cifar10_linear_quick``."""
     from solo_deepfusion.solo.evaluate import run_linear
 
     argv = [
         "--config-name", LINEAR_RECIPE, f"pretrained_feature_extractor={run}",
-        f"data.train_path={data / 'train'}", f"data.val_path={data / 'test'}",
+        f"data.train_path={data.train}", f"data.val_path={data.val}",
         f"checkpoint.dir={work}", "auto_resume.enabled=False",
         *(SMOKE_LINEAR if smoke else []),
     ]  # fmt: skip
@@ -211,7 +160,7 @@ def metric(name: str, fraction: float, **protocol: Any) -> dict[str, Any]:
     return {"name": name, "value": round(100 * float(fraction), 2), "protocol": clean}
 
 
-def evaluate(run: Path, data: Path, work: Path, smoke: bool) -> list[dict[str, Any]]:
+def evaluate(run: Path, data: DataPaths, work: Path, smoke: bool) -> list[dict[str, Any]]:
     """k-NN and linear metrics, or none (with a note) when the evaluation module is missing."""
     try:
         import solo_deepfusion.solo.evaluate  # noqa: F401
@@ -289,7 +238,7 @@ def manifest_entry(build: Build, zoo_dir: Path, url_bases: Sequence[str]) -> dic
 
 
 def build_entry(
-    entry: str, data: Path, work: Path, files_dir: Path, args: argparse.Namespace
+    entry: str, data: DataPaths, work: Path, files_dir: Path, args: argparse.Namespace
 ) -> Build:
     """Train, evaluate and export one entry; its files land in ``files_dir/<entry>``."""
     from solo_deepfusion.solo.zoo import export_checkpoint
@@ -471,10 +420,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"no recipe zoo/recipes/<name>.yaml for {unknown}")
     work = (args.work or Path(tempfile.mkdtemp(prefix="build_zoo-"))).resolve()
     source = source.expanduser().resolve()
-    if args.smoke:
-        data = cut_data(source, work / "data" / "smoke", SMOKE_PER_CLASS)
-    else:
-        data = resolve_data(source, work)
+    cut = (SMOKE_PER_CLASS["train"], SMOKE_PER_CLASS["test"]) if args.smoke else (None, None)
+    try:
+        data = prepare_data(source, work, *cut)
+    except UsageError as err:
+        raise SystemExit(f"error: {err}") from None
     zoo_dir = (args.zoo or (work / "zoo" if args.smoke else REPO / "zoo")).resolve()
     manifest = zoo_dir / "manifest.yaml"
     files_dir = work / "check" if args.check else zoo_dir / "files"

@@ -9,11 +9,12 @@ from __future__ import annotations
 import os
 import shutil
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+
+from solo_deepfusion.datasets import prepare_data
 
 # One intra-op thread: the suite runs several processes at once (DDP tests, subprocess
 # launchers) and oversubscribed OpenMP threads make torch many times slower on 2 cores.
@@ -25,37 +26,6 @@ TRAIN_PER_CLASS = 8
 VAL_PER_CLASS = 4
 
 
-def _archive_members(archive: Path, per_class: int) -> Iterator[tuple[str, str, bytes]]:
-    """``(class, file name, bytes)`` of the first ``per_class`` images of each class."""
-    taken: dict[str, int] = {}
-    with tarfile.open(archive, "r:gz") as tar:
-        for member in tar:
-            parts = Path(member.name).parts
-            if not member.isfile() or len(parts) != 3:
-                continue
-            label = parts[1]
-            if taken.get(label, 0) < per_class:
-                taken[label] = taken.get(label, 0) + 1
-                yield label, parts[2], tar.extractfile(member).read()
-
-
-def _folder_members(folder: Path, per_class: int) -> Iterator[tuple[str, str, bytes]]:
-    for class_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
-        for image in sorted(class_dir.iterdir())[:per_class]:
-            yield class_dir.name, image.name, image.read_bytes()
-
-
-def _cut_split(source: Path, split: str, per_class: int, target: Path) -> None:
-    members = (
-        _folder_members(source / split, per_class)
-        if (source / split).is_dir()
-        else _archive_members(source / f"{split}.tar.gz", per_class)
-    )
-    for label, name, data in members:
-        (target / label).mkdir(parents=True, exist_ok=True)
-        (target / label / name).write_bytes(data)
-
-
 @pytest.fixture(scope="session")
 def cifar_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder with ``train/`` (10 classes x 8 images) and ``val/`` (10 x 4) CIFAR-10 JPEGs."""
@@ -64,12 +34,13 @@ def cifar_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not os.environ.get(DATA_ENV) or not has_split:
         pytest.skip(f"set {DATA_ENV} to a folder holding CIFAR-10 train/test (.tar.gz or folders)")
     root = tmp_path_factory.mktemp("cifar10_tiny")
-    try:
-        _cut_split(source, "train", TRAIN_PER_CLASS, root / "train")
-        _cut_split(source, "test", VAL_PER_CLASS, root / "val")
+    try:  # the first images of each class by name, as the bench and the zoo cut them
+        data = prepare_data(source, root / "work", TRAIN_PER_CLASS, VAL_PER_CLASS)
     except (OSError, tarfile.TarError) as err:
         shutil.rmtree(root, ignore_errors=True)
         pytest.skip(f"could not read CIFAR-10 from {DATA_ENV}={source}: {err}")
+    data.train.rename(root / "train")
+    data.val.rename(root / "val")
     return root
 
 

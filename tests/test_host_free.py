@@ -14,6 +14,7 @@ HOST_FREE = [
     "solo_deepfusion.bench.report",
     "solo_deepfusion.bench.records",
     "solo_deepfusion.linear_probe",
+    "solo_deepfusion.datasets",
     "solo_deepfusion.devices",
     "solo_deepfusion.errors",
     "solo_deepfusion.jsonl",

@@ -50,9 +50,9 @@ grid loop) and :mod:`.cli` (the command line).
 from __future__ import annotations
 
 from solo_deepfusion.bench.records import SCHEMA, append_record, finished_cells, read_records
+from solo_deepfusion.datasets import prepare_data
 from solo_deepfusion.errors import UsageError
 from solo_deepfusion.solo.bench.cli import main, parser
-from solo_deepfusion.solo.bench.data import prepare_data
 from solo_deepfusion.solo.bench.evaluation import head_cost, unsupervised_accuracies
 from solo_deepfusion.solo.bench.grid import (
     AXES,

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from solo_deepfusion.solo.bench.data import DataPaths
+from solo_deepfusion.datasets import DataPaths
 from solo_deepfusion.solo.bench.grid import AXES, Cell, Study, has_override
 
 LINEAR_RECIPE = "cifar10_linear_quick"

@@ -1,4 +1,12 @@
-"""The data every cell shares: the folder as it is, unpacked, or cut to N images per class."""
+"""Image-folder splits from a folder or ``.tar.gz`` archives, whole or cut to N per class.
+
+>>> data = prepare_data(Path("shared/data/cifar10"), Path("work"), train_per_class=200)
+>>> data.train, data.val   # ImageFolders: work/data/cifar10-train-200/train, ...-val-all/val
+
+One rule for every user (the launcher's tests, the bench, ``scripts/build_zoo.py``): a cut
+keeps the first N files of each class by file name; an archive or a cut is written once under
+``work/data/`` and marked complete. Host-free: the standard library only.
+"""
 
 from __future__ import annotations
 
