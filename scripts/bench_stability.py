@@ -37,8 +37,8 @@ from solo_deepfusion.hub import load_backbone
 from solo_deepfusion.jsonl import append_jsonl
 from solo_deepfusion.solo.bench.grid import ProjectorSpec
 from solo_deepfusion.solo.launch import pretrain_config
+from solo_deepfusion.solo.measure import fusion_head
 from solo_deepfusion.solo.model import build_model
-from solo_deepfusion.solo.monitor import fusion_head
 
 RECIPES = ("simclr", "byol", "mocov3", "barlow", "vicreg", "swav")
 ARMS = (

@@ -26,7 +26,13 @@ from torch import nn
 
 from solo_deepfusion.fusion import fusion_stats, leave_one_out_1nn_accuracy
 from solo_deepfusion.heads.diagnostics import collapse_stats
-from solo_deepfusion.solo.analysis import analyse_checkpoint, main, unsupervised_accuracy
+from solo_deepfusion.solo.analysis import analyse_checkpoint, main
+from solo_deepfusion.solo.measure import (
+    evaluating,
+    fusion_head,
+    local_attention,
+    unsupervised_accuracy,
+)
 from solo_deepfusion.solo.model import build_model
 from solo_deepfusion.solo.monitor import (
     FUSION_LOG,
@@ -34,10 +40,7 @@ from solo_deepfusion.solo.monitor import (
     FusionMonitor,
     balanced_indices,
     collapse_monitor_from_cfg,
-    evaluating,
-    fusion_head,
     fusion_monitor_from_cfg,
-    local_attention,
 )
 
 SMALL = {"name": "transformer", "preset": "small", "depth": 2, "dim": 32, "heads": 4}

@@ -36,7 +36,6 @@ from omegaconf import DictConfig
 from solo.data.classification_dataloader import prepare_transforms
 from solo.methods.base import BaseMethod
 from torch import nn
-from torch.utils.data import DataLoader, Subset
 from torchvision.datasets import ImageFolder
 
 from solo_deepfusion.atomic import write_json
@@ -44,10 +43,7 @@ from solo_deepfusion.cli import exit_status
 from solo_deepfusion.devices import resolve_device
 from solo_deepfusion.errors import UsageError
 from solo_deepfusion.fusion import (
-    FusionStats,
     format_table,
-    fusion_stats,
-    leave_one_out_1nn_accuracy,
     plot_attention_heatmaps,
     plot_fusion_ratio,
     summarize,
@@ -55,19 +51,18 @@ from solo_deepfusion.fusion import (
 from solo_deepfusion.jsonl import json_safe
 from solo_deepfusion.solo.checkpoints import find_run
 from solo_deepfusion.solo.data import guard_images
-from solo_deepfusion.solo.monitor import (
-    FUSION_LOG,
-    backbone_features,
-    balanced_indices,
+from solo_deepfusion.solo.measure import (
+    attention,
+    dataset_features,
     evaluating,
     fusion_head,
-    load_samples,
     local_attention,
+    unsupervised_accuracy,
 )
+from solo_deepfusion.solo.monitor import FUSION_LOG, balanced_indices, load_samples
 
 DATA_ENV = "SOLO_DEEPFUSION_DATA"
 EVAL_BATCH_SIZES = (64, 256, 1024)
-_LOADER_BATCH = 256  # images per backbone call when extracting evaluation features
 MAX_EPOCH_CURVES = 8  # monitor epochs drawn in fusion_ratio.png (first, last, evenly between)
 # Datasets whose evaluation transform solo-learn knows; others get CIFAR's 32 px one.
 _KNOWN_DATASETS = ("cifar10", "cifar100", "stl10", "imagenet", "imagenet100", "custom")
@@ -83,7 +78,6 @@ __all__ = [
     "monitor_curves",
     "parser",
     "read_monitor_log",
-    "unsupervised_accuracy",
 ]
 
 
@@ -140,59 +134,6 @@ def eval_transform(cfg: DictConfig) -> nn.Module:
     """The evaluation transform of the run's dataset (CIFAR's 32 px one when unknown)."""
     dataset = cfg.data.dataset if cfg.data.dataset in _KNOWN_DATASETS else "cifar10"
     return prepare_transforms(dataset)[1]
-
-
-def _features(
-    model: BaseMethod, dataset: ImageFolder, indices: torch.Tensor, batch_size: int, workers: int
-) -> torch.Tensor:
-    loader = DataLoader(
-        Subset(dataset, indices.tolist()), batch_size=batch_size, num_workers=workers
-    )
-    return torch.cat([backbone_features(model, images) for images, _ in loader])
-
-
-def _project(model: BaseMethod, feats: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Projector outputs (head and the method's tail), one evaluation batch at a time."""
-    projector = model.get_submodule(model.context_projector)
-    usable = feats.shape[0] // batch_size * batch_size
-    return torch.cat([projector(chunk) for chunk in feats[:usable].split(batch_size)])
-
-
-def unsupervised_accuracy(
-    model: BaseMethod,
-    feats: torch.Tensor,
-    labels: torch.Tensor,
-    batch_sizes: Sequence[int],
-) -> dict[str, Any]:
-    """Leave-one-out 1-NN accuracies of projector outputs and backbone features, per batch size.
-
-    ``feats`` are the backbone features of the evaluation images in their fixed order. A batch
-    size larger than the set is reported with ``None`` accuracies and ``scored = 0``.
-    """
-    rows = []
-    for size in batch_sizes:
-        scored = feats.shape[0] // size * size
-        row: dict[str, Any] = {"batch_size": size, "scored": scored, "head": None, "backbone": None}
-        if scored:
-            outputs = _project(model, feats, size)
-            row["head"] = leave_one_out_1nn_accuracy(outputs, labels[:scored], size)
-            row["backbone"] = leave_one_out_1nn_accuracy(feats[:scored], labels[:scored], size)
-        rows.append(row)
-    return {
-        "num_images": feats.shape[0],
-        "backbone_all": leave_one_out_1nn_accuracy(feats, labels, None),
-        "per_batch_size": rows,
-    }
-
-
-def _attention(
-    model: BaseMethod, images: torch.Tensor, labels: torch.Tensor, num_views: int
-) -> tuple[list[torch.Tensor], list[FusionStats]]:
-    """Attention maps and statistics of one batch, its features repeated ``num_views`` times."""
-    feats = backbone_features(model, images).repeat(num_views, 1)
-    _, maps = fusion_head(model)(feats, num_views=num_views, return_attention=True)
-    maps = [m.cpu() for m in maps]
-    return maps, fusion_stats(maps, labels, num_views=num_views)
 
 
 def accuracy_table(result: dict[str, Any]) -> str:
@@ -256,8 +197,8 @@ def analyse_checkpoint(
         order = balanced_indices(targets, max_images, seed=seed)
     head = fusion_head(model)
     with evaluating(model), local_attention(head):
-        maps, stats = _attention(model, images, labels, num_views)
-        feats = _features(model, dataset, order, _LOADER_BATCH, num_workers)
+        maps, stats = attention(model, images, labels, num_views)
+        feats = dataset_features(model, dataset, order, workers=num_workers)
         accuracy = unsupervised_accuracy(model, feats, targets[order], eval_batch_sizes)
 
     monitor = read_monitor_log(ckpt.parent)

@@ -20,8 +20,7 @@ Turned on from a recipe with ``projector.fusion_monitor=true`` (see
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +33,14 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from solo_deepfusion.fusion import FusionStats, fusion_stats, scalar_metrics
-from solo_deepfusion.heads import TransformerProjector
 from solo_deepfusion.heads.diagnostics import CollapseStats, collapse_stats
 from solo_deepfusion.jsonl import append_jsonl, json_safe
+from solo_deepfusion.solo.measure import (
+    backbone_features,
+    evaluating,
+    fusion_head,
+    local_attention,
+)
 
 FUSION_LOG = "fusion.jsonl"
 # Keys of `cfg.projector` read by `fusion_monitor_from_cfg` and `collapse_monitor_from_cfg`,
@@ -56,15 +60,11 @@ __all__ = [
     "MONITOR_KEYS",
     "CollapseMonitor",
     "FusionMonitor",
-    "backbone_features",
     "balanced_indices",
     "collapse_monitor_from_cfg",
     "dataset_targets",
-    "evaluating",
-    "fusion_head",
     "fusion_monitor_from_cfg",
     "load_samples",
-    "local_attention",
 ]
 
 
@@ -128,61 +128,6 @@ def load_samples(dataset: Dataset, indices: Sequence[int]) -> tuple[torch.Tensor
     samples = [dataset[int(i)] for i in indices]
     images = torch.stack([torch.as_tensor(s[0]) for s in samples])
     return images, torch.tensor([int(s[1]) for s in samples])
-
-
-# ---------------------------------------------------------------------------------------------
-# Running the model for measurements
-
-
-def fusion_head(model: nn.Module) -> TransformerProjector:
-    """The ``TransformerProjector`` of a ``<method>_transformer`` model."""
-    path = getattr(model, "context_projector", None)
-    head = model.get_submodule(path) if path else None
-    head = getattr(head, "head", head)
-    if not isinstance(head, TransformerProjector):
-        raise ValueError(
-            f"{type(model).__name__} has no transformer projection head (found "
-            f"{type(head).__name__}); Deep Fusion needs a <method>_transformer model"
-        )
-    return head
-
-
-@contextmanager
-def evaluating(model: nn.Module) -> Iterator[None]:
-    """Eval mode and no gradients; each module's own train/eval flag is restored after."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for module, mode in modes:
-            module.training = mode
-
-
-@contextmanager
-def local_attention(head: nn.Module) -> Iterator[None]:
-    """Attend within this process's tokens only (no all-gather), restored after."""
-    modules = [m for m in head.modules() if hasattr(m, "gather_distributed")]
-    saved = [m.gather_distributed for m in modules]
-    for module in modules:
-        module.gather_distributed = False
-    try:
-        yield
-    finally:
-        for module, value in zip(modules, saved, strict=True):
-            module.gather_distributed = value
-
-
-def backbone_features(model: nn.Module, images: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-    """Pooled ``model.backbone`` features of ``images``, ``chunk`` images at a time."""
-    weight = next(model.backbone.parameters())
-    return torch.cat(
-        [
-            model.backbone(images[start : start + chunk].to(weight.device, weight.dtype))
-            for start in range(0, images.shape[0], chunk)
-        ]
-    )
 
 
 # ---------------------------------------------------------------------------------------------

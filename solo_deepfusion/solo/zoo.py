@@ -23,7 +23,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from solo.methods.base import BaseMethod
 from solo.utils.misc import omegaconf_select
-from torch import nn
 
 from solo_deepfusion.atomic import atomic_path, write_json
 from solo_deepfusion.hub.download import download
@@ -32,6 +31,7 @@ from solo_deepfusion.hub.weights import load_state_dict, save_state_dict, upcast
 from solo_deepfusion.provenance import git_commit
 from solo_deepfusion.solo.checkpoints import read_args
 from solo_deepfusion.solo.data import CIFAR
+from solo_deepfusion.solo.measure import head_module
 from solo_deepfusion.solo.model import build_model, model_from_checkpoint
 
 BACKBONE_PREFIX = "backbone."
@@ -39,7 +39,6 @@ BACKBONE_PREFIX = "backbone."
 __all__ = [
     "export_checkpoint",
     "export_solo",
-    "head_module",
     "load_model",
     "param_counts",
     "solo_args",
@@ -54,14 +53,6 @@ def zoo_filenames(name: str) -> dict[str, str]:
         "full": f"{name}.full.safetensors",
         "args": f"{name}.args.json",
     }
-
-
-def head_module(model: BaseMethod) -> nn.Module:
-    """The projection head the transformer replaces (the variant's, or the stock MLP)."""
-    path = getattr(model, "context_projector", None)
-    if path is None:
-        path = "projector" if hasattr(model, "projector") else "head.mlp"  # DINO: head.mlp
-    return model.get_submodule(path)
 
 
 def param_counts(model: BaseMethod) -> dict[str, int]:

@@ -14,41 +14,28 @@ from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 
 from solo_deepfusion.devices import resolve_device
-from solo_deepfusion.fusion import leave_one_out_1nn_accuracy, summarize
+from solo_deepfusion.fusion import summarize
 from solo_deepfusion.heads import TransformerProjector, count_flops, count_parameters
 from solo_deepfusion.linear_probe import linear_probe
-from solo_deepfusion.solo import base_method
-from solo_deepfusion.solo.analysis import _LOADER_BATCH, _features, eval_transform
+from solo_deepfusion.solo.analysis import eval_transform
 from solo_deepfusion.solo.bench.jobs import Job
 from solo_deepfusion.solo.context import ContextProjector
 from solo_deepfusion.solo.evaluate import run_knn, run_linear
+from solo_deepfusion.solo.measure import (
+    dataset_features,
+    evaluating,
+    head_module,
+    local_attention,
+    momentum_head_path,
+    unsupervised_accuracy,
+)
 from solo_deepfusion.solo.monitor import (
     MONITOR_SEED,
     FusionMonitor,
     balanced_indices,
     dataset_targets,
-    evaluating,
     load_samples,
-    local_attention,
 )
-
-
-def head_path(model: nn.Module) -> str:
-    """Where the projection head lives: the variant's, or the stock method's."""
-    path = getattr(model, "context_projector", None)
-    if path:
-        return path
-    return "head.mlp" if base_method(model.cfg.method) == "dino" else "projector"
-
-
-def momentum_head_path(model: nn.Module) -> str | None:
-    """The EMA copy of the head of a momentum method, else ``None``."""
-    if not hasattr(model, "momentum_backbone"):
-        return None
-    path = getattr(model, "momentum_context_projector", None)
-    if path:
-        return path
-    return "momentum_head.mlp" if base_method(model.cfg.method) == "dino" else "momentum_projector"
 
 
 def head_cost(model: nn.Module, cfg: DictConfig) -> dict[str, Any]:
@@ -58,7 +45,7 @@ def head_cost(model: nn.Module, cfg: DictConfig) -> dict[str, Any]:
     transformer (attention over ``T``), one call per crop of ``batch_size`` otherwise. Counted
     with :func:`~solo_deepfusion.heads.count_flops` in eval mode.
     """
-    head = model.get_submodule(head_path(model))
+    head = head_module(model)
     views, batch = cfg.data.num_large_crops, cfg.optimizer.batch_size
     param = next(head.parameters())
     x = torch.randn(views * batch, model.features_dim, device=param.device, dtype=param.dtype)
@@ -91,34 +78,26 @@ def unsupervised_accuracies(
     batch_sizes: Sequence[int],
     train_batch_size: int,
 ) -> dict[str, float | None]:
-    """The authors' "unsupervised accuracy" per evaluation batch size (paper-notes §3.4).
+    """The authors' "unsupervised accuracy" (paper-notes §3.4) as record metrics.
 
-    Head outputs (head and the method's tail, eval mode) are computed one evaluation batch at a
-    time over ``feats`` in their fixed order; each sample's nearest other sample of its batch
-    (cosine) must share its label; the last incomplete batch is dropped. ``_head`` keys score
-    head outputs, ``_backbone`` keys the backbone features within the same batches;
-    ``uacc_train_bs_head`` uses the training batch size, as the authors' code does.
+    :func:`~solo_deepfusion.solo.measure.unsupervised_accuracy` per evaluation batch size
+    (``uacc_b<B>_head`` / ``_backbone``) and at the training batch size, as the authors' code
+    does (``uacc_train_bs_head``); ``backbone_1nn_acc`` over the whole set.
     """
-    head = model.get_submodule(head_path(model))
+    result = unsupervised_accuracy(model, feats, labels, [*batch_sizes, train_batch_size])
+    *rows, train = result["per_batch_size"]
     out: dict[str, float | None] = {}
-    sizes = [(f"uacc_b{size}", size) for size in batch_sizes]
-    for name, size in [*sizes, ("uacc_train_bs", train_batch_size)]:
-        scored = feats.shape[0] // size * size
-        if scored == 0 or size < 2:
-            out[f"{name}_head"] = None
-            out[f"{name}_backbone"] = None
-            continue
-        outputs = torch.cat([head(chunk) for chunk in feats[:scored].split(size)])
-        out[f"{name}_head"] = leave_one_out_1nn_accuracy(outputs, labels[:scored], size)
-        out[f"{name}_backbone"] = leave_one_out_1nn_accuracy(feats[:scored], labels[:scored], size)
-    out.pop("uacc_train_bs_backbone")
-    out["backbone_1nn_acc"] = leave_one_out_1nn_accuracy(feats, labels, None)
+    for row in rows:
+        out[f"uacc_b{row['batch_size']}_head"] = row["head"]
+        out[f"uacc_b{row['batch_size']}_backbone"] = row["backbone"]
+    out["uacc_train_bs_head"] = train["head"]
+    out["backbone_1nn_acc"] = result["backbone_all"]
     return out
 
 
 def fusion_numbers(model: nn.Module, dataset: Dataset, samples: int) -> dict[str, Any]:
     """Per-layer fusion ratio of a class-balanced batch of ``dataset`` (transformer heads)."""
-    head = model.get_submodule(head_path(model))
+    head = head_module(model)
     if not (isinstance(head, ContextProjector) and isinstance(head.head, TransformerProjector)):
         return {}
     indices = balanced_indices(dataset_targets(dataset), samples, seed=MONITOR_SEED)
@@ -138,7 +117,7 @@ def feature_probe_accuracy(
     """Top-1 of a linear probe on the backbone's features of every training and validation
     image (evaluation transform, no augmentation), fitted to convergence."""
     feats = [
-        _features(model, dataset, torch.arange(len(dataset)), _LOADER_BATCH, workers).cpu()
+        dataset_features(model, dataset, torch.arange(len(dataset)), workers=workers).cpu()
         for dataset in (train, val)
     ]
     labels = [torch.as_tensor(dataset.targets) for dataset in (train, val)]
@@ -160,10 +139,10 @@ def evaluate_in_memory(model: nn.Module, cfg: DictConfig, job: Job) -> dict[str,
         order = balanced_indices(targets, settings["eval_max_images"], seed=MONITOR_SEED)
     else:
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(MONITOR_SEED))
-    head = model.get_submodule(head_path(model))
+    head = head_module(model)
     probe = None
     with evaluating(model), local_attention(head):
-        feats = _features(model, dataset, order, _LOADER_BATCH, settings["workers"])
+        feats = dataset_features(model, dataset, order, workers=settings["workers"])
         labels = targets[order].to(feats.device)
         metrics = unsupervised_accuracies(
             model, feats, labels, settings["eval_batch_sizes"], cfg.optimizer.batch_size
