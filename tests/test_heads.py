@@ -381,3 +381,20 @@ def test_finite_inputs_that_overflow_inside_the_head_are_an_error_not_nan():
     with pytest.raises(ValueError, match=r"output is not finite: inputs up to \|x\| = 1e\+30"):
         head(torch.full((6, 24), 1e30))
     assert head(1e6 * torch.randn(6, 24)).isfinite().all()
+
+
+@pytest.mark.parametrize("name", list_projectors())
+def test_every_registered_projector_keeps_the_contract(name):
+    """(T, in_dim) features -> (T, out_dim), every parameter trained; declared defaults are
+    among its declared fields (the integration builds configs from them)."""
+    from solo_deepfusion.heads import projector_entry
+
+    entry = projector_entry(name)
+    assert set(entry.defaults) <= set(entry.fields)
+    torch.manual_seed(0)
+    head = build_projector(name, 24, 32, 16, **entry.defaults)
+    x = torch.randn(8, 24)
+    out = head(x)
+    assert out.shape == (8, 16) and out.isfinite().all()
+    out.square().sum().backward()
+    assert all(p.grad is not None for p in head.parameters())

@@ -69,14 +69,6 @@ def test_projector_needs_a_value(argv):
         run.rewrite_projector_args(argv)
 
 
-def test_packaged_configs_join_the_search_path():
-    pkg = run.PACKAGED_CONFIGS
-    assert run.with_packaged_configs(["a=1"]) == ["a=1", f"hydra.searchpath=[{pkg}]"]
-    assert run.with_packaged_configs(["hydra.searchpath=[file:///x]"]) == [
-        f"hydra.searchpath=[file:///x,{pkg}]"
-    ]
-
-
 @pytest.mark.parametrize(
     ("devices", "accelerator", "indices", "for_lightning"),
     [

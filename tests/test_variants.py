@@ -225,19 +225,21 @@ def test_stem_is_drawn_the_same_whatever_the_head():
     assert torch.equal(weights[0], weights[1]) and torch.equal(weights[0], weights[2])
 
 
-def test_transformer_config_group_lists_every_projector_key():
-    """Every field can be set as `projector.<key>=...` (no `+`) from the command line."""
-    import importlib.resources
+def test_every_registered_head_is_a_variant_with_a_config_group_entry():
+    """The registry drives the integration: variants, config keys and command-line group."""
+    from hydra.core.config_store import ConfigStore
 
-    import yaml
+    from solo_deepfusion.heads import list_projectors, projector_entry
+    from solo_deepfusion.solo.variants import OPTIMIZER_KEYS, PROJECTOR_KEYS, PROJECTORS
 
-    from solo_deepfusion.solo.variants import OPTIMIZER_KEYS, PROJECTOR_KEYS
-
-    group = importlib.resources.files("solo_deepfusion.configs") / "projector"
-    transformer = yaml.safe_load((group / "transformer.yaml").read_text())
-    assert sorted(transformer) == sorted(PROJECTOR_KEYS["transformer"])
-    twin = yaml.safe_load((group / "mlp_matched.yaml").read_text())
-    assert set(OPTIMIZER_KEYS) <= set(twin) <= set(PROJECTOR_KEYS["mlp_matched"])
+    assert set(PROJECTORS) == set(list_projectors()) and PROJECTORS[0] == "mlp"
+    repo = ConfigStore.instance().repo["projector"]
+    for projector in PROJECTORS[1:]:
+        node = repo[f"{projector}.yaml"].node
+        assert sorted(node) == sorted(PROJECTOR_KEYS[projector])
+        assert set(projector_entry(projector).fields) | set(OPTIMIZER_KEYS) <= set(node)
+        assert all(variant_name(m, projector) in METHODS for m in HEAD_METHODS)
+    assert dict(repo["mlp.yaml"].node) == {"name": "mlp"}
 
 
 def test_every_variant_class_pickles_by_reference():

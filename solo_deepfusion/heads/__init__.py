@@ -8,6 +8,7 @@ from solo_deepfusion.heads.registry import (
     TransformerHeadConfig,
     build_projector,
     list_projectors,
+    projector_entry,
     register_projector,
     transformer_config,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "forward_flops",
     "gather_tokens",
     "list_projectors",
+    "projector_entry",
     "register_projector",
     "solo_mlp",
     "transformer_config",

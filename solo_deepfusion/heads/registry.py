@@ -15,7 +15,7 @@ New heads register with the decorator::
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +31,18 @@ from solo_deepfusion.heads.transformer import TransformerProjector
 from solo_deepfusion.validation import check_choice
 
 ProjectorBuilder = Callable[..., nn.Module]
-_PROJECTORS: dict[str, ProjectorBuilder] = {}
+
+
+@dataclass(frozen=True)
+class ProjectorEntry:
+    """A registered head: its builder and the config keys a recipe may set (with defaults)."""
+
+    build: ProjectorBuilder
+    fields: tuple[str, ...] = ()
+    defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+_PROJECTORS: dict[str, ProjectorEntry] = {}
 
 
 @dataclass(frozen=True)
@@ -72,16 +83,31 @@ def transformer_config(preset: str = "paper", **overrides: Any) -> TransformerHe
     )
 
 
-def register_projector(name: str) -> Callable[[ProjectorBuilder], ProjectorBuilder]:
-    """Decorator adding a builder ``fn(in_dim, hidden_dim, out_dim, **cfg)`` under ``name``."""
+def register_projector(
+    name: str, *, fields: Sequence[str] = (), defaults: Mapping[str, Any] | None = None
+) -> Callable[[ProjectorBuilder], ProjectorBuilder]:
+    """Decorator adding a builder ``fn(in_dim, hidden_dim, out_dim, **cfg)`` under ``name``.
+
+    ``fields`` are the keys of ``cfg`` a recipe may set (``projector.<field>``) and
+    ``defaults`` the values filled in when a recipe sets none; the solo-learn integration
+    derives its variants, config group and checks from them.
+    """
+    entry_defaults = dict(defaults or {})
 
     def add(fn: ProjectorBuilder) -> ProjectorBuilder:
-        if name in _PROJECTORS and _PROJECTORS[name] is not fn:
+        if name in _PROJECTORS and _PROJECTORS[name].build is not fn:
             raise ValueError(f"projector {name!r} is already registered")
-        _PROJECTORS[name] = fn
+        _PROJECTORS[name] = ProjectorEntry(fn, tuple(fields), entry_defaults)
         return fn
 
     return add
+
+
+def projector_entry(name: str) -> ProjectorEntry:
+    """The registration of ``name`` (``ValueError`` lists the known ones)."""
+    if name not in _PROJECTORS:
+        raise ValueError(f"unknown projector {name!r}; known projectors: {list_projectors()}")
+    return _PROJECTORS[name]
 
 
 def list_projectors() -> list[str]:
@@ -90,12 +116,13 @@ def list_projectors() -> list[str]:
 
 def build_projector(name: str, in_dim: int, hidden_dim: int, out_dim: int, **cfg: Any) -> nn.Module:
     """Build the projector registered as ``name``."""
-    if name not in _PROJECTORS:
-        raise ValueError(f"unknown projector {name!r}; known projectors: {list_projectors()}")
-    return _PROJECTORS[name](in_dim, hidden_dim, out_dim, **cfg)
+    return projector_entry(name).build(in_dim, hidden_dim, out_dim, **cfg)
 
 
-@register_projector("transformer")
+TRANSFORMER_FIELDS = ("preset", *(f.name for f in dataclasses.fields(TransformerHeadConfig)))
+
+
+@register_projector("transformer", fields=TRANSFORMER_FIELDS, defaults={"preset": "paper"})
 def transformer(
     in_dim: int,
     hidden_dim: int,
@@ -111,7 +138,7 @@ def transformer(
     return TransformerProjector(in_dim, out_dim, tail=tail, **dataclasses.asdict(config))
 
 
-@register_projector("mlp")
+@register_projector("mlp", fields=("layout",))
 def mlp(
     in_dim: int, hidden_dim: int, out_dim: int, *, layout: str = "simclr", **fields: Any
 ) -> MLPProjector:
@@ -121,7 +148,11 @@ def mlp(
     return MLPProjector(in_dim, hidden_dim, out_dim, **kwargs)
 
 
-@register_projector("mlp_matched")
+@register_projector(
+    "mlp_matched",
+    fields=("num_layers", *TRANSFORMER_FIELDS),
+    defaults={"preset": "paper", "num_layers": 3},
+)
 def mlp_matched(
     in_dim: int,
     hidden_dim: int,

@@ -10,6 +10,7 @@ _problem = host_problem()
 if _problem is not None:
     raise ImportError(_problem)
 
+from hydra.core.config_store import ConfigStore  # noqa: E402
 from solo.methods import METHODS  # noqa: E402
 
 from solo_deepfusion.solo import variants  # noqa: E402
@@ -18,12 +19,17 @@ from solo_deepfusion.solo.variants import (  # noqa: E402
     PROJECTORS,
     base_method,
     make_variant,
+    projector_group_node,
     variant_name,
 )
 
 
 def register() -> list[str]:
-    """Add every variant to ``solo.methods.METHODS`` (idempotent); return their names."""
+    """Add every variant to ``solo.methods.METHODS`` and every head to Hydra's ``projector``
+    config group (idempotent); return the variants' names."""
+    store = ConfigStore.instance()
+    for projector in PROJECTORS:
+        store.store(group="projector", name=projector, node=projector_group_node(projector))
     names = []
     for method in HEAD_METHODS:
         for projector in PROJECTORS[1:]:

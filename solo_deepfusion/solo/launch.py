@@ -5,7 +5,7 @@ overrides) plus the projector choice, in any of these forms::
 
     --projector transformer | --projector=transformer | projector=transformer | +projector=...
 
-It selects the packaged ``projector`` config group (so ``projector.depth=4``-style overrides work)
+It selects the ``projector`` config group (so ``projector.depth=4``-style overrides work)
 and trains ``<method>_<projector>``; with none, the recipe's ``projector`` (if any) or the one its
 ``method`` names is used, else ``mlp``: the stock method. ``--config-name`` alone looks in the
 packaged recipes. What differs from ``main_pretrain``, each for a reason named where it is done:

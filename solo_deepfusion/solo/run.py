@@ -2,8 +2,9 @@
 
 * the command line: :class:`CommandParser` (errors are :class:`UsageError`), Hydra's
   ``--config-path/--config-name`` (:func:`config_parser`, :func:`parse_config_args`), the
-  projector switch (:func:`rewrite_projector_args`) and composition with the packaged config
-  groups (:func:`compose_config`);
+  projector switch (:func:`rewrite_projector_args`; the ``projector`` config group is
+  registered from the projector registry by :func:`solo_deepfusion.solo.register`) and
+  composition (:func:`compose_config`);
 * the hardware: :func:`prepare_hardware` makes a GPU recipe valid on the CPU;
 * resuming: :func:`resume_checkpoint` (checkpoint I/O itself is
   :mod:`solo_deepfusion.solo.checkpoints`);
@@ -47,7 +48,6 @@ from solo_deepfusion.solo.checkpoints import (
     unreadable,
 )
 
-PACKAGED_CONFIGS = "pkg://solo_deepfusion.configs"
 RECIPES_DIR = Path(str(importlib.resources.files("solo_deepfusion.configs") / "recipes"))
 _PROJECTOR_OVERRIDE = re.compile(r"(?:--|\+{1,2})?projector=(.*)")
 # fp16 autocast, which Lightning refuses on CPU.
@@ -121,22 +121,6 @@ def parse_config_args(
     return args, overrides
 
 
-def with_packaged_configs(overrides: Sequence[str]) -> list[str]:
-    """Put the packaged config groups (``projector``) on Hydra's search path, keeping the user's.
-
-    Note: a command-line ``hydra.searchpath`` replaces one set in the recipe itself.
-    """
-    out, extended = [], False
-    for override in overrides:
-        key, sep, value = override.partition("=")
-        if sep and key.lstrip("+") == "hydra.searchpath":
-            entries = value.strip().removeprefix("[").removesuffix("]").strip()
-            override = f"{key}=[{entries + ',' if entries else ''}{PACKAGED_CONFIGS}]"
-            extended = True
-        out.append(override)
-    return out if extended else [*out, f"hydra.searchpath=[{PACKAGED_CONFIGS}]"]
-
-
 def compose_config(config_dir: Path, config_name: str, overrides: Sequence[str]) -> DictConfig:
     """The recipe with its overrides, as ``@hydra.main`` hands it to ``main_pretrain``.
 
@@ -145,7 +129,7 @@ def compose_config(config_dir: Path, config_name: str, overrides: Sequence[str])
     """
     try:
         with initialize_config_dir(config_dir=str(config_dir), version_base="1.2"):
-            cfg = compose(config_name, overrides=with_packaged_configs(overrides))
+            cfg = compose(config_name, overrides=list(overrides))
     except MissingConfigException as err:
         group, _, choice = (err.missing_cfg_file or "").partition("/")
         if group == "projector" and err.options:

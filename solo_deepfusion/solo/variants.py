@@ -21,51 +21,49 @@ from solo.methods.base import BaseMethod, BaseMomentumMethod
 from solo.utils.momentum import initialize_momentum_params
 from torch import nn
 
-from solo_deepfusion.heads import TransformerHeadConfig, build_projector
+from solo_deepfusion.heads import (
+    SOLO_MLP_LAYOUTS,
+    build_projector,
+    list_projectors,
+    projector_entry,
+)
 from solo_deepfusion.solo.context import (
     ContextProjector,
     JointContextMixin,
     MomentumJointContextMixin,
 )
-from solo_deepfusion.solo.monitor import MONITOR_KEYS
+from solo_deepfusion.solo.monitor import MONITOR_DEFAULTS, MONITOR_KEYS
 from solo_deepfusion.solo.param_groups import HeadOptimizer, split_head_group
 from solo_deepfusion.validation import check_choice
 
-# Every solo-learn method with a projection head (all but `mae` and `linear`).
-HEAD_METHODS = (
-    "all4one",
-    "barlow_twins",
-    "byol",
-    "deepclusterv2",
-    "dino",
-    "mocov2plus",
-    "mocov3",
-    "nnbyol",
-    "nnclr",
-    "nnsiam",
-    "ressl",
-    "simclr",
-    "simsiam",
-    "supcon",
-    "swav",
-    "vibcreg",
-    "vicreg",
-    "wmse",
-)
-PROJECTORS = ("mlp", "transformer", "mlp_matched")
-HEAD_FIELDS = tuple(f.name for f in dataclasses.fields(TransformerHeadConfig))
+# Every solo-learn method with a projection head (all but `mae` and `linear`): the methods whose
+# projector layout heads/mlp.py knows. The method table is written there once.
+HEAD_METHODS = tuple(sorted(SOLO_MLP_LAYOUTS))
+# `mlp` is the stock method; every other registered head becomes `<method>_<head>`.
+PROJECTORS = ("mlp", *(p for p in list_projectors() if p != "mlp"))
 # Keys of `cfg.projector` that configure the variant, not the head itself: the monitors'
 # (solo_deepfusion.solo.monitor) and the head's optimizer group (solo_deepfusion.solo.param_groups).
 OPTIMIZER_KEYS = tuple(f.name for f in dataclasses.fields(HeadOptimizer))
 NON_HEAD_KEYS = ("small_crops", *MONITOR_KEYS, *OPTIMIZER_KEYS)
-PROJECTOR_KEYS = {
-    "transformer": ("name", "preset", *NON_HEAD_KEYS, *HEAD_FIELDS),
-    "mlp_matched": ("name", "preset", "num_layers", *NON_HEAD_KEYS, *HEAD_FIELDS),
-}
+# A variant's projector config: its registered fields and the variant's keys, with defaults.
+PROJECTOR_KEYS = {p: ("name", *projector_entry(p).fields, *NON_HEAD_KEYS) for p in PROJECTORS[1:]}
 PROJECTOR_DEFAULTS = {
-    "transformer": {"preset": "paper", "small_crops": False},
-    "mlp_matched": {"preset": "paper", "num_layers": 3, "small_crops": False},
+    p: {**projector_entry(p).defaults, "small_crops": False} for p in PROJECTORS[1:]
 }
+
+
+def projector_group_node(projector: str) -> dict[str, Any]:
+    """The ``projector`` config group entry of ``projector``: every key, ``None`` where the
+    head's own default applies (what ``projector=<name>`` selects on the command line)."""
+    if projector == "mlp":
+        return {"name": "mlp"}
+    keys = dict.fromkeys(PROJECTOR_KEYS[projector])
+    return {
+        **keys,
+        "name": projector,
+        **PROJECTOR_DEFAULTS[projector],
+        **{k: MONITOR_DEFAULTS[k] for k in MONITOR_KEYS},
+    }
 
 
 def variant_name(method: str, projector: str) -> str:

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig
+from solo.methods import METHODS
+from solo.methods.base import BaseMomentumMethod
 from solo.utils.misc import omegaconf_select
 
 from solo_deepfusion.bench.records import finished_cells
@@ -43,7 +45,6 @@ from solo_deepfusion.solo.launch import pretrain_config
 from solo_deepfusion.solo.run import RECIPES_DIR, CommandParser, compose_config
 
 PREDICTOR_METHODS = ("byol", "mocov3", "nnbyol", "nnclr", "nnsiam", "simsiam")
-MOMENTUM_METHODS = ("all4one", "byol", "dino", "mocov2plus", "mocov3", "nnbyol", "ressl")
 
 
 def method_fills(method: str) -> dict[str, str]:
@@ -51,7 +52,7 @@ def method_fills(method: str) -> dict[str, str]:
     fills = {}
     if method in PREDICTOR_METHODS:
         fills["method_kwargs.pred_hidden_dim"] = "${method_kwargs.proj_hidden_dim}"
-    if method in MOMENTUM_METHODS:  # solo-learn's BYOL recipe values
+    if issubclass(METHODS[method], BaseMomentumMethod):  # solo-learn's BYOL recipe values
         fills.update({"momentum.base_tau": "0.99", "momentum.final_tau": "1.0"})
     return fills
 

@@ -19,9 +19,9 @@ from typing import Any
 from solo_deepfusion.bench import BASELINE
 from solo_deepfusion.errors import UsageError
 from solo_deepfusion.solo.analysis import EVAL_BATCH_SIZES
-from solo_deepfusion.solo.variants import PROJECTOR_KEYS
+from solo_deepfusion.solo.variants import PROJECTOR_KEYS, PROJECTORS
 
-PROJECTOR_NAMES = ("mlp", "mlp_matched", "transformer")
+PROJECTOR_NAMES = PROJECTORS  # the registry's heads, `mlp` (the stock method) first
 # Methods whose loss reads `method_kwargs.temperature` (solo-learn 1.0.6; a test checks the
 # host's sources). RESSL (temperature_q/_k) and DINO (teacher/student) name theirs differently.
 TEMPERATURE_METHODS = frozenset(
