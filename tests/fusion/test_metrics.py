@@ -485,7 +485,7 @@ def test_fusion_package_is_host_free() -> None:
         "bad = sorted({m.split('.')[0] for m in sys.modules} & {'solo', 'lightning', 'hydra'})\n"
         "assert not bad, bad\n"
     )
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),

@@ -25,7 +25,7 @@ from solo_deepfusion.hub.weights import save_state_dict
 
 pytestmark = pytest.mark.timeout(180)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ZOO_NAMES = list(hub.list_models(REPO / "zoo" / "manifest.yaml"))
 BLOCK_HOST = "import sys\nfor m in ('solo', 'lightning', 'hydra'):\n    sys.modules[m] = None\n"
 

@@ -1,4 +1,4 @@
-"""The host-free heads: TransformerProjector, the MLP baselines, the registry, costs."""
+"""The Deep Fusion head (heads/transformer.py): shapes, masks, a float64 reference, DDP."""
 
 from __future__ import annotations
 
@@ -15,14 +15,8 @@ from torch import nn
 from solo_deepfusion.heads import (
     MASKS,
     PRESETS,
-    MLPProjector,
     TransformerProjector,
     build_projector,
-    count_parameters,
-    forward_flops,
-    list_projectors,
-    solo_mlp,
-    transformer_config,
 )
 
 TINY = {"dim": 32, "depth": 2, "heads": 4, "ffn_dim": 64}
@@ -81,6 +75,53 @@ def reference_forward(head: TransformerProjector, x: torch.Tensor, num_views: in
             h = block.norm2(h + block.ffn(h))
         maps.append(torch.stack(layer_maps))
     return head.out_proj(head.final_norm(h)), maps
+
+
+def randomize_norms(head: nn.Module) -> nn.Module:
+    """Non-trivial LayerNorm affines, so the reference also checks where each one applies."""
+    g = torch.Generator().manual_seed(3)
+    for module in head.modules():
+        if isinstance(module, nn.LayerNorm):
+            module.weight.data = 1 + 0.5 * torch.randn(module.weight.shape, generator=g)
+            module.bias.data = 0.5 * torch.randn(module.bias.shape, generator=g)
+    return head
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _global_to_rank_order(t: torch.Tensor, world: int, views: int) -> torch.Tensor:
+    """Rows of a view-major global batch, regrouped rank by rank (each rank view-major)."""
+    per_rank = t.shape[0] // (world * views)
+    chunks = t.view(views, world, per_rank, *t.shape[1:])
+    return chunks.transpose(0, 1).reshape(t.shape)
+
+
+def _ddp_worker(rank: int, world: int, port: int, mask: str, outdir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        views, per_rank = 2, 3
+        head = nn.parallel.DistributedDataParallel(tiny_head(mask=mask))
+        x_global, w_global = _global_batch(world, views, per_rank)
+        rows = slice(rank * views * per_rank, (rank + 1) * views * per_rank)
+        x = _global_to_rank_order(x_global, world, views)[rows].clone().requires_grad_()
+        w = _global_to_rank_order(w_global, world, views)[rows]
+        out = head(x, num_views=views)
+        (out * w).sum().backward()
+        grads = {n: p.grad * world for n, p in head.module.named_parameters()}  # DDP averages
+        torch.save((out.detach(), x.grad, grads), os.path.join(outdir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _global_batch(world: int, views: int, per_rank: int):
+    g = torch.Generator().manual_seed(7)
+    tokens = world * views * per_rank
+    return torch.randn(tokens, 24, generator=g), torch.randn(tokens, 16, generator=g)
 
 
 @pytest.mark.parametrize("num_views", [1, 2, 3])
@@ -161,16 +202,6 @@ def test_masked_entries_get_exactly_zero_and_rows_sum_to_one(mask, num_views):
             assert torch.all(layer > 0)
 
 
-def randomize_norms(head: nn.Module) -> nn.Module:
-    """Non-trivial LayerNorm affines, so the reference also checks where each one applies."""
-    g = torch.Generator().manual_seed(3)
-    for module in head.modules():
-        if isinstance(module, nn.LayerNorm):
-            module.weight.data = 1 + 0.5 * torch.randn(module.weight.shape, generator=g)
-            module.bias.data = 0.5 * torch.randn(module.bias.shape, generator=g)
-    return head
-
-
 @pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("norm", ["post", "pre"])
 @pytest.mark.parametrize(
@@ -221,56 +252,6 @@ def test_seeded_construction_and_forward_are_deterministic():
     torch.testing.assert_close(b(x), out_a, rtol=0, atol=0)
 
 
-def test_registry_lists_builtins_and_rejects_unknown_names():
-    assert {"mlp", "mlp_matched", "transformer"} <= set(list_projectors())
-    with pytest.raises(ValueError, match=r"unknown projector 'mlpp'.*mlp_matched"):
-        build_projector("mlpp", 8, 8, 8)
-
-
-def test_preset_fields_are_overridable_and_validated():
-    config = transformer_config("small", depth=6, mask="positives", heads=None)
-    assert (config.depth, config.mask, config.heads) == (6, "positives", PRESETS["small"].heads)
-    with pytest.raises(ValueError, match=r"preset='huge'.*\['paper', 'small'\]"):
-        transformer_config("huge")
-    with pytest.raises(ValueError, match=r"unknown transformer field\(s\) \['layers'\]"):
-        build_projector("transformer", 8, 8, 8, layers=3)
-
-
-def test_mlp_builders_follow_solo_learn_layouts():
-    simclr = build_projector("mlp", 512, 2048, 256)
-    assert [type(m) for m in simclr] == [nn.Linear, nn.ReLU, nn.Linear]
-    byol = solo_mlp("byol", 512, 4096, 256)
-    assert [type(m) for m in byol] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
-    assert count_parameters(byol) == 512 * 4096 + 4096 + 2 * 4096 + 4096 * 256 + 256
-    with pytest.raises(ValueError, match="layout='mae'"):
-        build_projector("mlp", 8, 8, 8, layout="mae")
-
-
-@pytest.mark.parametrize("preset", sorted(PRESETS))
-@pytest.mark.parametrize("num_layers", [2, 3, 4])
-def test_mlp_matched_has_the_transformers_parameter_count(preset, num_layers):
-    transformer = build_projector("transformer", 512, 2048, 256, preset=preset)
-    matched = build_projector("mlp_matched", 512, 2048, 256, preset=preset, num_layers=num_layers)
-    assert isinstance(matched, MLPProjector)
-    ratio = count_parameters(matched) / count_parameters(transformer)
-    assert abs(ratio - 1) < 0.05
-    assert matched(torch.randn(4, 512)).shape == (4, 256)
-
-
-def test_forward_flops_count_attention_quadratically():
-    head = build_projector("transformer", 512, 0, 256, preset="small")
-    f1, f2, f4 = (forward_flops(head, t) for t in (256, 512, 1024))
-    # linear layers scale with T, attention (QK^T, AV) with T^2: differences grow 2x per step
-    dim, depth = head.dim, len(head.blocks)
-    attention = lambda t: depth * 4 * t * t * dim  # noqa: E731
-    linear = f1 - attention(256)
-    assert linear > 0
-    assert f2 == 2 * linear + attention(512)
-    assert f4 == 4 * linear + attention(1024)
-    mlp = build_projector("mlp", 512, 2048, 256)
-    assert forward_flops(mlp, 512) == 2 * 512 * (512 * 2048 + 2048 * 256)
-
-
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -307,46 +288,6 @@ def test_bad_inputs_name_the_problem():
     assert tiny_head().eval()(torch.randn(1, 24)).shape == (1, 16)  # fine at inference
 
 
-# ---- two processes (gloo): attention over the global batch --------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _global_to_rank_order(t: torch.Tensor, world: int, views: int) -> torch.Tensor:
-    """Rows of a view-major global batch, regrouped rank by rank (each rank view-major)."""
-    per_rank = t.shape[0] // (world * views)
-    chunks = t.view(views, world, per_rank, *t.shape[1:])
-    return chunks.transpose(0, 1).reshape(t.shape)
-
-
-def _ddp_worker(rank: int, world: int, port: int, mask: str, outdir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        views, per_rank = 2, 3
-        head = nn.parallel.DistributedDataParallel(tiny_head(mask=mask))
-        x_global, w_global = _global_batch(world, views, per_rank)
-        rows = slice(rank * views * per_rank, (rank + 1) * views * per_rank)
-        x = _global_to_rank_order(x_global, world, views)[rows].clone().requires_grad_()
-        w = _global_to_rank_order(w_global, world, views)[rows]
-        out = head(x, num_views=views)
-        (out * w).sum().backward()
-        grads = {n: p.grad * world for n, p in head.module.named_parameters()}  # DDP averages
-        torch.save((out.detach(), x.grad, grads), os.path.join(outdir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _global_batch(world: int, views: int, per_rank: int):
-    g = torch.Generator().manual_seed(7)
-    tokens = world * views * per_rank
-    return torch.randn(tokens, 24, generator=g), torch.randn(tokens, 16, generator=g)
-
-
 @pytest.mark.parametrize("mask", ["none", "positives"])
 def test_two_gloo_processes_match_one_process_over_the_concatenated_batch(mask, tmp_path):
     world, views, per_rank = 2, 2, 3
@@ -381,20 +322,3 @@ def test_finite_inputs_that_overflow_inside_the_head_are_an_error_not_nan():
     with pytest.raises(ValueError, match=r"output is not finite: inputs up to \|x\| = 1e\+30"):
         head(torch.full((6, 24), 1e30))
     assert head(1e6 * torch.randn(6, 24)).isfinite().all()
-
-
-@pytest.mark.parametrize("name", list_projectors())
-def test_every_registered_projector_keeps_the_contract(name):
-    """(T, in_dim) features -> (T, out_dim), every parameter trained; declared defaults are
-    among its declared fields (the integration builds configs from them)."""
-    from solo_deepfusion.heads import projector_entry
-
-    entry = projector_entry(name)
-    assert set(entry.defaults) <= set(entry.fields)
-    torch.manual_seed(0)
-    head = build_projector(name, 24, 32, 16, **entry.defaults)
-    x = torch.randn(8, 24)
-    out = head(x)
-    assert out.shape == (8, 16) and out.isfinite().all()
-    out.square().sum().backward()
-    assert all(p.grad is not None for p in head.parameters())
