@@ -34,6 +34,7 @@ screen_arms=(
   transformer:input_norm=true                  # post-norm + LayerNorm after in_proj
   transformer:lr_scale=0.1,norm=pre
   transformer:norm=pre,qk_norm=true
+  transformer:lr_scale=0.1,mask=positives,norm=pre   # the best after seeds 0-1, + mask=positives
 )
 confirm=(--epochs 20 --train-per-class 500)
 

@@ -72,7 +72,7 @@ def _row(entry: ZooEntry) -> list[str]:
     ]
 
 
-def format_table(rows: list[list[str]]) -> str:
+def aligned_columns(rows: list[list[str]]) -> str:
     """Left-aligned columns separated by two spaces."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(
@@ -120,7 +120,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         print("the zoo is empty")
         return 0
     header = ["NAME", "METHOD", "PROJECTOR", "BACKBONE", "DATASET", "EPOCHS", "METRICS", "SIZE"]
-    print(format_table([header, *(_row(e) for e in entries)]))
+    print(aligned_columns([header, *(_row(e) for e in entries)]))
     return 0
 
 
