@@ -8,14 +8,14 @@ Example::
 
 New heads register with the decorator::
 
-    @register_projector("my_head")
+    @register_projector("my_head", config=MyHeadFields)   # a dataclass of its config
     def my_head(in_dim, hidden_dim, out_dim, **cfg) -> nn.Module: ...
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,20 +84,22 @@ def transformer_config(preset: str = "paper", **overrides: Any) -> TransformerHe
 
 
 def register_projector(
-    name: str, *, fields: Sequence[str] = (), defaults: Mapping[str, Any] | None = None
+    name: str, *, config: type | None = None
 ) -> Callable[[ProjectorBuilder], ProjectorBuilder]:
     """Decorator adding a builder ``fn(in_dim, hidden_dim, out_dim, **cfg)`` under ``name``.
 
-    ``fields`` are the keys of ``cfg`` a recipe may set (``projector.<field>``) and
-    ``defaults`` the values filled in when a recipe sets none; the solo-learn integration
-    derives its variants, config group and checks from them.
+    ``config`` is a dataclass of what a recipe may set (``projector.<field>``); its non-``None``
+    defaults are filled in when a recipe sets none. The solo-learn integration derives its
+    variants, config group and checks from it.
     """
-    entry_defaults = dict(defaults or {})
+    fields = dataclasses.fields(config) if config is not None else ()
+    names = tuple(f.name for f in fields)
+    defaults = {f.name: f.default for f in fields if f.default is not None}
 
     def add(fn: ProjectorBuilder) -> ProjectorBuilder:
         if name in _PROJECTORS and _PROJECTORS[name].build is not fn:
             raise ValueError(f"projector {name!r} is already registered")
-        _PROJECTORS[name] = ProjectorEntry(fn, tuple(fields), entry_defaults)
+        _PROJECTORS[name] = ProjectorEntry(fn, names, defaults)
         return fn
 
     return add
@@ -119,10 +121,37 @@ def build_projector(name: str, in_dim: int, hidden_dim: int, out_dim: int, **cfg
     return projector_entry(name).build(in_dim, hidden_dim, out_dim, **cfg)
 
 
-TRANSFORMER_FIELDS = ("preset", *(f.name for f in dataclasses.fields(TransformerHeadConfig)))
+def _optional(config: type) -> list[tuple[str, Any, Any]]:
+    """``config``'s fields as optional ones: ``None`` keeps the preset's value."""
+    return [(f.name, f.type, dataclasses.field(default=None)) for f in dataclasses.fields(config)]
 
 
-@register_projector("transformer", fields=TRANSFORMER_FIELDS, defaults={"preset": "paper"})
+# What a recipe may set for each head: the `transformer` preset and any of its fields; the MLP
+# twin the same plus its depth; the host-free `mlp` builder the solo-learn layout it copies.
+TransformerFields = dataclasses.make_dataclass(
+    "TransformerFields",
+    [("preset", str, dataclasses.field(default="paper")), *_optional(TransformerHeadConfig)],
+    frozen=True,
+)
+MLPMatchedFields = dataclasses.make_dataclass(
+    "MLPMatchedFields",
+    [
+        ("num_layers", int, dataclasses.field(default=3)),
+        *(
+            (f.name, f.type, dataclasses.field(default=f.default))
+            for f in dataclasses.fields(TransformerFields)
+        ),
+    ],
+    frozen=True,
+)
+
+
+@dataclass(frozen=True)
+class MLPFields:
+    layout: str = "simclr"
+
+
+@register_projector("transformer", config=TransformerFields)
 def transformer(
     in_dim: int,
     hidden_dim: int,
@@ -138,7 +167,7 @@ def transformer(
     return TransformerProjector(in_dim, out_dim, tail=tail, **dataclasses.asdict(config))
 
 
-@register_projector("mlp", fields=("layout",))
+@register_projector("mlp", config=MLPFields)
 def mlp(
     in_dim: int, hidden_dim: int, out_dim: int, *, layout: str = "simclr", **fields: Any
 ) -> MLPProjector:
@@ -148,11 +177,7 @@ def mlp(
     return MLPProjector(in_dim, hidden_dim, out_dim, **kwargs)
 
 
-@register_projector(
-    "mlp_matched",
-    fields=("num_layers", *TRANSFORMER_FIELDS),
-    defaults={"preset": "paper", "num_layers": 3},
-)
+@register_projector("mlp_matched", config=MLPMatchedFields)
 def mlp_matched(
     in_dim: int,
     hidden_dim: int,
