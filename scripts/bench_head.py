@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import functools
 import math
 import os
@@ -45,7 +44,6 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -63,14 +61,13 @@ from solo_deepfusion.heads import (
     count_parameters,
     forward_flops,
 )
+from solo_deepfusion.heads.cost import Forward, make_step, meta_copy, step_memory, time_step
+from solo_deepfusion.hub.backbones import build_resnet
 
 IN_DIM, HIDDEN_DIM, OUT_DIM, NUM_VIEWS = 512, 2048, 256, 2
 CPU_RESNET_MAX_BATCH = 256
 CPU_MAPS_MAX_TOKENS = 1024
 MB = 1024**2
-
-Step = Callable[[], None]
-Forward = Callable[[], torch.Tensor]
 
 
 @dataclass
@@ -146,99 +143,9 @@ def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextMana
     return contextlib.nullcontext()
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def resnet18(stem: str) -> tuple[nn.Module, int]:
-    """torchvision ResNet-18 without ``fc`` (512-d features) and its input size."""
-    model = torchvision.models.resnet18(weights=None)
-    model.fc = nn.Identity()
-    if stem == "imagenet":
-        return model, 224
-    # solo-learn's CIFAR stem (solo/methods/base.py).
-    model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=2, bias=False)
-    model.maxpool = nn.Identity()
-    return model, 32
-
-
-def make_step(module: nn.Module, forward: Forward, inputs: torch.Tensor, amp: Callable) -> Step:
-    """One training step without an optimizer: clear grads, forward under ``amp``, backward."""
-
-    def step() -> None:
-        module.zero_grad(set_to_none=True)
-        inputs.grad = None
-        with amp():
-            out = forward()
-        out.float().sum().backward()
-
-    return step
-
-
-def time_step(step: Step, device: torch.device, repeats: int, warmup: int) -> list[float]:
-    """Wall times of ``repeats`` calls of ``step`` in milliseconds, after ``warmup`` calls."""
-    for _ in range(warmup):
-        step()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return [1e3 * t for t in times]
-
-
-def storage_key(t: torch.Tensor) -> tuple[int, int] | None:
-    try:
-        storage = t.untyped_storage()
-    except (RuntimeError, NotImplementedError):
-        return None
-    return storage.data_ptr(), storage.nbytes()
-
-
-def step_memory(
-    module: nn.Module, forward: Forward, inputs: torch.Tensor, amp: Callable
-) -> tuple[int, int]:
-    """``(saved_bytes, cuda_peak_bytes)`` of one step; the peak is 0 off CUDA.
-
-    ``saved_bytes`` sums the unique storages saved for backward during the forward, leaving out
-    the parameters and ``inputs`` (they exist whether or not the step runs).
-    """
-    exclude = {storage_key(p) for p in module.parameters()} | {storage_key(inputs)}
-    saved: set[tuple[int, int]] = set()
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        key = storage_key(t)
-        if key is not None and key not in exclude:
-            saved.add(key)
-        return t
-
-    module.zero_grad(set_to_none=True)
-    inputs.grad = None
-    cuda = inputs.device.type == "cuda"
-    if cuda:
-        sync(inputs.device)
-        torch.cuda.reset_peak_memory_stats(inputs.device)
-        base = torch.cuda.memory_allocated(inputs.device)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), amp():
-        out = forward()
-    out.float().sum().backward()
-    del out
-    peak = 0
-    if cuda:
-        sync(inputs.device)
-        peak = torch.cuda.max_memory_allocated(inputs.device) - base
-    return sum(nbytes for _, nbytes in saved), peak
-
-
-def meta_copy(module: nn.Module) -> nn.Module:
-    """A parameter-free copy on the meta device, for counting FLOPs without running them."""
-    clone = copy.deepcopy(module).to("meta")
-    if hasattr(clone, "check_inputs"):
-        clone.check_inputs = False  # its finiteness check cannot run on meta tensors
-    return clone
+    """solo-learn's ResNet-18 backbone (512-d features) and its input size."""
+    return build_resnet("resnet18", stem), 224 if stem == "imagenet" else 32
 
 
 def head_flops(head: nn.Module, tokens: int) -> int:

@@ -1,7 +1,15 @@
-"""What a head costs: parameters and forward FLOPs for ``T`` tokens."""
+"""What a head costs: parameters, forward FLOPs, and a training step's time and memory.
+
+>>> count_parameters(head), forward_flops(head, 512, num_views=2)
+>>> step = make_step(head, lambda: head(x, num_views=2), x, contextlib.nullcontext)
+>>> times_ms = time_step(step, x.device, repeats=5, warmup=1)
+>>> saved, cuda_peak = step_memory(head, lambda: head(x, num_views=2), x, contextlib.nullcontext)
+"""
 
 from __future__ import annotations
 
+import copy
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -44,3 +52,93 @@ def forward_flops(module: nn.Module, num_tokens: int, *, num_views: int = 1) -> 
         return count_flops(lambda: module(x, **kwargs))
     finally:
         module.train(was_training)
+
+
+# ---------------------------------------------------------------------------------------------
+# A training step's time and memory (scripts/bench_head.py)
+
+Forward = Callable[[], torch.Tensor]
+Step = Callable[[], None]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_step(module: nn.Module, forward: Forward, inputs: torch.Tensor, amp: Callable) -> Step:
+    """One training step without an optimizer: clear grads, forward under ``amp``, backward."""
+
+    def step() -> None:
+        module.zero_grad(set_to_none=True)
+        inputs.grad = None
+        with amp():
+            out = forward()
+        out.float().sum().backward()
+
+    return step
+
+
+def time_step(step: Step, device: torch.device, repeats: int, warmup: int) -> list[float]:
+    """Wall times of ``repeats`` calls of ``step`` in milliseconds, after ``warmup`` calls."""
+    for _ in range(warmup):
+        step()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return [1e3 * t for t in times]
+
+
+def storage_key(t: torch.Tensor) -> tuple[int, int] | None:
+    try:
+        storage = t.untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        return None
+    return storage.data_ptr(), storage.nbytes()
+
+
+def step_memory(
+    module: nn.Module, forward: Forward, inputs: torch.Tensor, amp: Callable
+) -> tuple[int, int]:
+    """``(saved_bytes, cuda_peak_bytes)`` of one step; the peak is 0 off CUDA.
+
+    ``saved_bytes`` sums the unique storages saved for backward during the forward, leaving out
+    the parameters and ``inputs`` (they exist whether or not the step runs).
+    """
+    exclude = {storage_key(p) for p in module.parameters()} | {storage_key(inputs)}
+    saved: set[tuple[int, int]] = set()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = storage_key(t)
+        if key is not None and key not in exclude:
+            saved.add(key)
+        return t
+
+    module.zero_grad(set_to_none=True)
+    inputs.grad = None
+    cuda = inputs.device.type == "cuda"
+    if cuda:
+        sync(inputs.device)
+        torch.cuda.reset_peak_memory_stats(inputs.device)
+        base = torch.cuda.memory_allocated(inputs.device)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), amp():
+        out = forward()
+    out.float().sum().backward()
+    del out
+    peak = 0
+    if cuda:
+        sync(inputs.device)
+        peak = torch.cuda.max_memory_allocated(inputs.device) - base
+    return sum(nbytes for _, nbytes in saved), peak
+
+
+def meta_copy(module: nn.Module) -> nn.Module:
+    """A parameter-free copy on the meta device, for counting FLOPs without running them."""
+    clone = copy.deepcopy(module).to("meta")
+    if hasattr(clone, "check_inputs"):
+        clone.check_inputs = False  # its finiteness check cannot run on meta tensors
+    return clone
