@@ -10,13 +10,18 @@ keeps the first N files of each class by file name; an archive or a cut is writt
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import os
 import shutil
 import tarfile
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from solo_deepfusion.errors import UsageError
+from solo_deepfusion.hub.cache import resolve_cache_dir
 
 
 @dataclass(frozen=True)
@@ -98,3 +103,47 @@ def prepare_data(
         _prepare_split(source, work, "train", ("train",), train_per_class),
         _prepare_split(source, work, "val", ("test", "val"), val_per_class),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# A launcher path whose split is shipped as an archive
+
+
+def unpacked(path: str | os.PathLike | None) -> str | None:
+    """``path``, or, when only ``<path>.tar.gz`` exists, where that archive is unpacked.
+
+    The archive is unpacked once, into ``<cache>/datasets/<key>/`` (the zoo's cache:
+    ``$SOLO_DEEPFUSION_CACHE``, else ``~/.cache/solo-deepfusion``), and must hold a
+    ``<name of path>/`` folder. Any other ``path`` is returned as it is, for solo-learn to read
+    (or download into).
+    """
+    if path is None:
+        return None
+    path = str(path)
+    if Path(path).exists():
+        return path
+    archive = Path(f"{path}.tar.gz").resolve()
+    if not archive.is_file():
+        return path
+    stat = archive.stat()
+    key = hashlib.sha256(f"{archive}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+    root = resolve_cache_dir() / "datasets" / key[:16]
+    if not root.is_dir():
+        _unpack(archive, root)
+    target = root / Path(path).name
+    if not target.is_dir():
+        raise FileNotFoundError(f"{archive} holds no {target.name}/ folder")
+    return str(target)
+
+
+def _unpack(archive: Path, root: Path) -> None:
+    """Unpack into a temporary folder renamed to ``root``: never a half-unpacked ``root``."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.")
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data")
+        with contextlib.suppress(OSError):  # another process (e.g. a DDP rank) was first
+            os.replace(tmp, root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -10,17 +10,13 @@ The trick is one function, :func:`builder_dataset`: solo-learn's dataset builder
 (their ``ImageFolder`` branch) while the transforms are still chosen with the real dataset name.
 
 A split shipped as an archive (``<path>.tar.gz`` next to where ``<path>`` would be, as in the
-project's CIFAR-10 copy) is unpacked once into the cache by :func:`unpacked`.
+project's CIFAR-10 copy) is unpacked once into the cache by
+:func:`solo_deepfusion.datasets.unpacked`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import os
-import shutil
-import tarfile
-import tempfile
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -38,8 +34,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import CIFAR10, CIFAR100, STL10, DatasetFolder
 from torchvision.datasets.folder import default_loader
 
+from solo_deepfusion.datasets import unpacked
 from solo_deepfusion.errors import UsageError
-from solo_deepfusion.hub.cache import resolve_cache_dir
 
 CIFAR = ("cifar10", "cifar100")
 # What torchvision's CIFAR root holds: never mistaken for a class folder.
@@ -67,46 +63,6 @@ __all__ = [
     "unpack_data_paths",
     "unpacked",
 ]
-
-
-def unpacked(path: str | os.PathLike | None) -> str | None:
-    """``path``, or, when only ``<path>.tar.gz`` exists, where that archive is unpacked.
-
-    The archive is unpacked once, into ``<cache>/datasets/<key>/`` (the zoo's cache:
-    ``$SOLO_DEEPFUSION_CACHE``, else ``~/.cache/solo-deepfusion``), and must hold a
-    ``<name of path>/`` folder. Any other ``path`` is returned as it is, for solo-learn to read
-    (or download into).
-    """
-    if path is None:
-        return None
-    path = str(path)
-    if Path(path).exists():
-        return path
-    archive = Path(f"{path}.tar.gz").resolve()
-    if not archive.is_file():
-        return path
-    stat = archive.stat()
-    key = hashlib.sha256(f"{archive}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
-    root = resolve_cache_dir() / "datasets" / key[:16]
-    if not root.is_dir():
-        _unpack(archive, root)
-    target = root / Path(path).name
-    if not target.is_dir():
-        raise FileNotFoundError(f"{archive} holds no {target.name}/ folder")
-    return str(target)
-
-
-def _unpack(archive: Path, root: Path) -> None:
-    """Unpack into a temporary folder renamed to ``root``: never a half-unpacked ``root``."""
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.")
-    try:
-        with tarfile.open(archive) as tar:
-            tar.extractall(tmp, filter="data")
-        with contextlib.suppress(OSError):  # another process (e.g. a DDP rank) was first
-            os.replace(tmp, root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class MissingDataError(UsageError):

@@ -23,8 +23,9 @@ import lightning.pytorch as pl
 from omegaconf import OmegaConf
 from solo.methods import METHODS
 
+from solo_deepfusion import datasets
 from solo_deepfusion.errors import UsageError
-from solo_deepfusion.solo import data, launch, run
+from solo_deepfusion.solo import launch, run
 
 pytestmark = pytest.mark.host
 SMALL = ("--projector", "transformer", "projector.preset=small")
@@ -103,11 +104,11 @@ def test_archived_split_is_unpacked_once(cifar_tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("SOLO_DEEPFUSION_CACHE", str(tmp_path / "cache"))
     with tarfile.open(tmp_path / "val.tar.gz", "w:gz") as tar:
         tar.add(cifar_tiny / "val", arcname="val")
-    path = Path(data.unpacked(tmp_path / "val"))
+    path = Path(datasets.unpacked(tmp_path / "val"))
     assert path.is_relative_to(tmp_path / "cache") and len(list(path.glob("*/*.jpg"))) == 40
-    assert data.unpacked(str(tmp_path / "val")) == str(path)  # reused, not unpacked again
+    assert datasets.unpacked(str(tmp_path / "val")) == str(path)  # reused, not unpacked again
     assert len(list((tmp_path / "cache" / "datasets").iterdir())) == 1
-    assert data.unpacked(cifar_tiny / "val") == str(cifar_tiny / "val")  # folders: as they are
+    assert datasets.unpacked(cifar_tiny / "val") == str(cifar_tiny / "val")  # folders: as they are
 
 
 # ---------------------------------------------------------------------------------------------
