@@ -545,6 +545,10 @@ def test_one_real_cell_through_the_launcher(bench, cifar_tiny, tmp_path, capsys)
     assert run["online_linear_epoch"] == 0 and len(run["data_order_sha256"]) == 64
     assert len(run["backbone_init_sha256"]) == 64
     assert run["resolved"]["method"] == "simclr_transformer"
+    # paths are kept relative to --work (or as their last parts): no folder of this machine
+    assert rec["paths"]["work_dir"] == f"runs/{rec['cell_id']}"
+    assert rec["paths"]["run_dir"].startswith(f"runs/{rec['cell_id']}/ckpt/simclr_transformer/")
+    assert str(tmp_path) not in json.dumps([rec["paths"], run["val_path"], mlp["paths"]])
     assert rec["env"]["versions"]["solo-learn"]
     assert not list((tmp_path / "w").rglob("*.ckpt"))  # checkpoints removed after evaluation
 

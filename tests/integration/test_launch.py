@@ -204,7 +204,7 @@ def test_pretrain_writes_args_and_checkpoint(quick_args, tmp_path, monkeypatch):
     assert args["data"]["train_path"].endswith("train")  # interpolations resolved
     assert (run / "metrics.csv").is_file()  # the CSV log sits with the checkpoint
     assert not (tmp_path / "lightning_logs").exists()
-    checkpoint = torch.load(next(run.glob("*.ckpt")), map_location="cpu", weights_only=False)
+    checkpoint = torch.load(next(run.glob("*.ckpt")), map_location="cpu", weights_only=True)
     assert any(k.startswith("projector.head.") for k in checkpoint["state_dict"])
 
 
@@ -338,7 +338,7 @@ def test_ddp_on_two_cpu_processes(quick_args, tmp_path):
     (run,) = runs(tmp_path / "ckpt", "simclr_transformer")
     args = read_args(run)
     assert (args["devices"], args["strategy"]) == ([0, 1], "ddp")
-    checkpoint = torch.load(next(run.glob("*.ckpt")), map_location="cpu", weights_only=False)
+    checkpoint = torch.load(next(run.glob("*.ckpt")), map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == 2
 
 

@@ -36,6 +36,18 @@ from solo_deepfusion.solo.monitor import CollapseMonitor
 # One cell: train, evaluate, record
 
 
+def portable_path(path: str | os.PathLike | None, work_dir: Path) -> str | None:
+    """``path`` as a record keeps it: relative to the bench's ``--work`` folder (the parent of
+    ``runs/<cell>``) when inside it, else its last two parts, so committed results name no
+    folder of the machine that produced them."""
+    if path is None:
+        return None
+    path, work = Path(path).resolve(), work_dir.resolve().parent.parent
+    if path.is_relative_to(work):
+        return path.relative_to(work).as_posix()
+    return Path(*path.parts[-2:]).as_posix()
+
+
 def _checkpointer(trainer: pl.Trainer) -> Checkpointer:
     found = [c for c in trainer.callbacks if isinstance(c, Checkpointer)]
     if not found or not getattr(found[0], "last_ckpt", None):
@@ -130,10 +142,13 @@ def execute_job(job: Job) -> dict[str, Any]:
                 "collapse": None
                 if collapse is None or collapse.last is None
                 else {"step": collapse.last_step, **dataclasses.asdict(collapse.last)},
-                "val_path": job.val_path,
+                "val_path": portable_path(job.val_path, job.work_dir),
             },
             "env": environment(),
-            "paths": {"work_dir": str(job.work_dir), "run_dir": str(run)},
+            "paths": {
+                "work_dir": portable_path(job.work_dir, job.work_dir),
+                "run_dir": portable_path(run, job.work_dir),
+            },
         }
     )
 
@@ -219,7 +234,7 @@ def failure_record(job: Job, error: str) -> dict[str, Any]:
         "error": error[-4000:],
         **job.key,
         "env": environment(),
-        "paths": {"work_dir": str(job.work_dir)},
+        "paths": {"work_dir": portable_path(job.work_dir, job.work_dir)},
     }
 
 
