@@ -189,14 +189,6 @@ def _notice(message: str) -> None:
     print(f"auto-resume: {message}", file=sys.stderr)
 
 
-def _run_args(folder: Path) -> dict[str, Any] | None:
-    try:
-        args = json.loads((folder / "args.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return args if isinstance(args, dict) else None
-
-
 def find_resumable(
     logdir: Path, cfg: DictConfig, should_match: Sequence[str], max_hours: float
 ) -> tuple[Path | None, str | None]:
@@ -210,18 +202,18 @@ def find_resumable(
     if not logdir.is_dir():
         return None, None
     oldest = time.time() - max_hours * 3600
-    found: list[tuple[float, Path, dict[str, Any]]] = []
+    found: list[tuple[float, Path, DictConfig]] = []
     for folder in sorted(p for p in logdir.iterdir() if p.is_dir()):
         checkpoints = sorted(folder.glob("*.ckpt"), key=checkpoint_epoch, reverse=True)
         if not checkpoints:
             continue
-        args = _run_args(folder)
-        if args is None:
+        try:
+            args = read_args(folder / "args.json")
+        except (UsageError, OSError):
             _notice(f"skipping {folder}: no readable args.json beside its checkpoints")
             continue
         if any(
-            omegaconf_select(OmegaConf.create(args), key, None) != omegaconf_select(cfg, key, None)
-            for key in should_match
+            omegaconf_select(args, k, None) != omegaconf_select(cfg, k, None) for k in should_match
         ):
             continue
         for ckpt in checkpoints:
@@ -235,7 +227,7 @@ def find_resumable(
     if not found:
         return None, None
     _, ckpt, args = max(found, key=lambda item: item[0])
-    return ckpt, args.get("wandb_run_id")
+    return ckpt, omegaconf_select(args, "wandb_run_id", None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,10 +29,10 @@ from solo_deepfusion.hub.download import download
 from solo_deepfusion.hub.manifest import PathLike, ZooEntry, get_entry
 from solo_deepfusion.hub.weights import load_state_dict, save_state_dict, upcast
 from solo_deepfusion.provenance import git_commit
-from solo_deepfusion.solo.checkpoints import read_args
+from solo_deepfusion.solo.checkpoints import PretrainedRun, read_args
 from solo_deepfusion.solo.data import CIFAR
 from solo_deepfusion.solo.measure import head_module
-from solo_deepfusion.solo.model import build_model, model_from_checkpoint
+from solo_deepfusion.solo.model import model_from_checkpoint
 
 BACKBONE_PREFIX = "backbone."
 
@@ -140,13 +140,9 @@ def load_model(
     progress: bool = True,
 ) -> BaseMethod:
     """The entry's whole model (backbone, head, online classifier), loaded strictly, eval mode."""
-    entry = _entry(name, manifest)
     kwargs = {"cache_dir": cache_dir, "offline": offline, "progress": progress}
-    model = build_model(_cfg(entry, **kwargs))
-    model.load_state_dict(
-        upcast(load_state_dict(download(entry, role="full", **kwargs))), strict=True
-    )
-    return model.eval()
+    weights, args = zoo_run_files(_entry(name, manifest), **kwargs)
+    return PretrainedRun(weights, read_args(args)).load()
 
 
 # ----------------------------------------------------------------------------- solo-learn export
