@@ -14,6 +14,9 @@
 # the full 10,000-image test split: online linear, the cached-feature linear probe, solo-learn's
 # offline linear probe (1 epoch), k-NN (k = 20, 200) and the head-output 1-NN at B = 16, 64.
 # Runs use one CPU thread at low priority; SOLO_DEEPFUSION_DATA names the CIFAR-10 folder.
+# STUDY_SEEDS="3 4 5" runs a phase on those seeds only, so two shells (each with its own
+# SOLO_DEEPFUSION_STUDY_WORK) can share a phase's seeds on a 2-core machine; the results file,
+# appended one whole line per cell, is shared.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${SOLO_DEEPFUSION_DATA:?set SOLO_DEEPFUSION_DATA to the CIFAR-10 folder}"
@@ -37,28 +40,29 @@ screen_arms=(
   transformer:lr_scale=0.1,mask=positives,norm=pre   # the best after seeds 0-1, + mask=positives
 )
 confirm=(--epochs 20 --train-per-class 500)
+seeds() { read -ra chosen <<<"${STUDY_SEEDS:-$*}"; echo --seeds "${chosen[@]}"; }
 
 case "$phase" in
   screen)
     arms=("${@:-${screen_arms[@]}}")
     "${bench[@]}" bench "${common[@]}" --methods simclr --projectors mlp "${arms[@]}" \
-      --seeds 0 1 2 --epochs 6 --train-per-class 200 --results benchmarks/screen/results.jsonl
+      $(seeds 0 1 2) --epochs 6 --train-per-class 200 --results benchmarks/screen/results.jsonl
     ;;
   confirm)
     (($#)) || { echo "confirm: name the arms" >&2; exit 2; }
     "${bench[@]}" bench "${common[@]}" "${confirm[@]}" --methods simclr \
-      --projectors mlp "$@" --seeds 0 1 2 3 4 5 --results benchmarks/confirm/results.jsonl
+      --projectors mlp "$@" $(seeds 0 1 2 3 4 5) --results benchmarks/confirm/results.jsonl
     ;;
   horizon)
     (($# == 1)) || { echo "horizon: name one arm" >&2; exit 2; }
     "${bench[@]}" bench "${common[@]}" --epochs 60 --train-per-class 500 --methods simclr \
-      --projectors mlp "$1" --seeds 0 1 2 --results benchmarks/horizon/results.jsonl
+      --projectors mlp "$1" $(seeds 0 1 2) --results benchmarks/horizon/results.jsonl
     ;;
   byol)
     (($# == 1)) || { echo "byol: name one arm" >&2; exit 2; }
     # (the bench fills what the SimCLR recipe lacks for BYOL: predictor width, momentum taus)
     "${bench[@]}" bench "${common[@]}" "${confirm[@]}" --methods byol \
-      --projectors mlp "$1" --seeds 0 1 2 --results benchmarks/byol/results.jsonl
+      --projectors mlp "$1" $(seeds 0 1 2) --results benchmarks/byol/results.jsonl
     ;;
   report)
     dir="benchmarks/${1:?report: name the phase}"
