@@ -5,7 +5,7 @@
 # Cells run seed-major and stop starting once BUDGET_S is spent, so what finishes is whole
 # pairs; a second call resumes (same WORK and results file).
 #
-#   scripts/gpu_bench.sh --dry-run         print the settings and the grid; needs no GPU or data
+#   scripts/gpu_bench.sh --dry-run         print the settings and the grid; needs no GPU (nor data, but for TRAIN_PER_CLASS)
 #   scripts/gpu_bench.sh                   run; results.jsonl, report.md/.png, logs in $OUT
 #   scripts/gpu_bench.sh --prepare-wheels  on a host with network and the dev venv: fill .whl/
 #
@@ -25,6 +25,12 @@
 #   RECIPE [cifar10_quick] EXTRA (more Hydra overrides, e.g. "++backbone.stem=cifar")
 #   LINEAR_EXTRA (overrides of the linear probe) DEVICE [cuda: evaluation] PYTHON REQUIRE_DALI [0]
 #   SOLO_DEEPFUSION_COMMIT (recorded when the copy has no .git)
+#   TRAIN_PER_CLASS [all] (train on the first N images of each class)
+#
+# The confirm arms of the head study (scripts/study_heads.sh) at zoo scale, 10k images:
+#   PROJECTORS="mlp mlp_matched transformer:lr_scale=0.1,mask=positives,norm=pre
+#   transformer:lr_scale=0.1,norm=pre" TRAIN_PER_CLASS=1000 BATCH=256 EPOCHS=20
+#   SEEDS="0 1 2 3 4 5" OUT=benchmarks/gpu-confirm scripts/gpu_bench.sh
 #
 # Why DALI runs set data.dataset=custom and data.val_path=null: solo-learn's parse_cfg allows
 # DALI only for custom/imagenet datasets, and a `custom` run would validate online on 224 px
@@ -41,7 +47,7 @@ case "${1:-}" in
   "") ;;
   --dry-run) mode=dry ;;
   --prepare-wheels) mode=wheels ;;
-  -h | --help) sed -n '2,35p' "$0"; exit 0 ;;
+  -h | --help) sed -n '2,40p' "$0"; exit 0 ;;
   *) echo "usage: $0 [--dry-run | --prepare-wheels]" >&2; exit 2 ;;
 esac
 
@@ -152,6 +158,7 @@ args=(
   --isolation in-process
   --time-budget "${BUDGET_S:-420}"
   --results "$out/results.jsonl"
+  ${TRAIN_PER_CLASS:+--train-per-class "$TRAIN_PER_CLASS"}
   --work "$work"
 )
 [ -n "$data" ] && args+=(--data "$data")
