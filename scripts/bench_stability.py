@@ -46,7 +46,8 @@ ARMS = (
     "transformer:norm=pre",
     "transformer:input_norm=true",
     "transformer:norm=pre,qk_norm=true",
-    "transformer:lr_scale=0.1",
+    "transformer:lr_scale=0.1,norm=pre",  # the confirm's two arms (benchmarks/screen/verdict.md)
+    "transformer:lr_scale=0.1,mask=positives,norm=pre",
 )
 FEATURES_BACKBONE = "simclr-r18-cifar10-cpu"
 HEALTHY_ENTROPY, HEALTHY_COSINE = 0.5, 0.5
