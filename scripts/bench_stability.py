@@ -5,7 +5,9 @@ each head, the method's own ``training_step`` trains the head alone on cached fe
 trained ResNet-18 (the zoo's ``simclr-r18-cifar10-cpu``), two augmented crops per image, at the
 recipe's peak lr (no warm-up, no decay) for ``--steps`` steps. Then the head's collapse
 diagnostics are measured on a held-out batch of those features: per-layer attention entropy,
-attention logit spread, and the mean cosine between different samples' outputs.
+attention logit spread, and the mean cosine between different samples' outputs. The stock
+``mlp`` head is the reference for that cosine: some methods (BYOL) leave a shared direction in
+any head's outputs.
 
     python scripts/bench_stability.py --data <cifar10 folder>          # the table in minutes
     python scripts/bench_stability.py --data <cifar10 folder> --dry-run  # 2 steps, 1 recipe
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -32,7 +35,7 @@ from torchvision.datasets import ImageFolder
 
 from solo_deepfusion.atomic import write_text
 from solo_deepfusion.datasets import prepare_data
-from solo_deepfusion.heads.diagnostics import collapse_stats
+from solo_deepfusion.heads.diagnostics import collapse_stats, output_cosine
 from solo_deepfusion.hub import load_backbone
 from solo_deepfusion.jsonl import append_jsonl
 from solo_deepfusion.solo.bench.grid import ProjectorSpec
@@ -42,6 +45,7 @@ from solo_deepfusion.solo.model import build_model
 
 RECIPES = ("simclr", "byol", "mocov3", "barlow", "vicreg", "swav")
 ARMS = (
+    "mlp",  # the recipe's own head: the reference output cosine
     "transformer",  # the `paper` preset, post-norm: the head as first shipped
     "transformer:norm=pre",
     "transformer:input_norm=true",
@@ -103,15 +107,16 @@ class FeatureCrops(torch.utils.data.Dataset):
 def recipe_config(recipe: str, arm: str, scratch: Path):
     """The stock recipe's cfg for ``arm``, on CPU, lr held at its peak."""
     folder = Path(solo.__file__).resolve().parents[1] / "scripts" / "pretrain" / "cifar"
+    spec = ProjectorSpec.parse(arm)
     argv = [
-        "--config-path", str(folder), "--config-name", f"{recipe}.yaml",
-        *ProjectorSpec.parse(arm).overrides(),
+        "--config-path", str(folder), "--config-name", f"{recipe}.yaml", *spec.overrides(),
         "accelerator=cpu", "devices=1", "strategy=auto", "precision=32",
         f"data.train_path={scratch}", f"data.val_path={scratch}", "data.format=image_folder",
         "scheduler.name=none", "++performance.disable_channel_last=true",
-        "projector.collapse_monitor_every=0", "++checkpoint.enabled=false",
-        "++auto_resume.enabled=false", "++wandb.enabled=false",
+        "++checkpoint.enabled=false", "++auto_resume.enabled=false", "++wandb.enabled=false",
     ]  # fmt: skip
+    if spec.name != "mlp":  # the monitor would measure the same thing every 50 steps
+        argv.append("projector.collapse_monitor_every=0")
     return pretrain_config(argv)
 
 
@@ -142,9 +147,15 @@ def train_head(recipe: str, arm: str, feats: torch.Tensor, steps: int, scratch: 
     began = time.monotonic()
     trainer.fit(model, loader)
     seconds = time.monotonic() - began
-    head = fusion_head(model).eval()
-    stats = collapse_stats(head, torch.cat([held_out[0], held_out[1]]), num_views=2)
-    healthy = min(stats.entropy) > HEALTHY_ENTROPY and stats.output_cosine < HEALTHY_COSINE
+    tokens = torch.cat([held_out[0], held_out[1]])
+    if ProjectorSpec.parse(arm).name == "mlp":
+        with torch.no_grad():
+            cosine = output_cosine(model.projector.eval()(tokens), num_views=2)
+        entropy, logit_std = [], []
+    else:
+        stats = collapse_stats(fusion_head(model).eval(), tokens, num_views=2)
+        entropy, logit_std, cosine = list(stats.entropy), list(stats.logit_std), stats.output_cosine
+    healthy = min(entropy, default=math.inf) > HEALTHY_ENTROPY and cosine < HEALTHY_COSINE
     return {
         "recipe": recipe,
         "arm": ProjectorSpec.parse(arm).label,
@@ -152,12 +163,19 @@ def train_head(recipe: str, arm: str, feats: torch.Tensor, steps: int, scratch: 
         "optimizer": cfg.optimizer.name,
         "lr": cfg.optimizer.lr,
         "batch_size": cfg.optimizer.batch_size,
-        "entropy": list(stats.entropy),
-        "logit_std": list(stats.logit_std),
-        "output_cosine": stats.output_cosine,
+        "entropy": entropy,
+        "logit_std": logit_std,
+        "output_cosine": cosine,
         "healthy": healthy,
         "seconds": seconds,
     }
+
+
+def cell(row: dict) -> str:
+    """``min entropy / cosine ✔`` (the ``mlp`` reference: ``– / cosine``)."""
+    entropy = f"{min(row['entropy']):.2f}" if row["entropy"] else "–"
+    verdict = ("✔" if row["healthy"] else "✘") if row["entropy"] else ""
+    return f"{entropy} / {row['output_cosine']:.2f} {verdict}".rstrip()
 
 
 def report(rows: list[dict], arms: list[str], recipes: list[str]) -> str:
@@ -166,7 +184,8 @@ def report(rows: list[dict], arms: list[str], recipes: list[str]) -> str:
         "# Head stability under solo-learn's CIFAR optimizers (head only, peak lr)",
         "",
         "Cell: min layer entropy (nats) / output cosine after the run; ✔ = every layer above "
-        f"{HEALTHY_ENTROPY} nats and cosine below {HEALTHY_COSINE}. "
+        f"{HEALTHY_ENTROPY} nats and cosine below {HEALTHY_COSINE}; `mlp` (no attention) gives "
+        "the reference cosine. "
         "Command: `python scripts/bench_stability.py --data <cifar10>`.",
         "",
         "| recipe | optimizer, peak lr | " + " | ".join(f"`{a}`" for a in labels) + " |",
@@ -180,16 +199,13 @@ def report(rows: list[dict], arms: list[str], recipes: list[str]) -> str:
         cells = []
         for label in labels:
             r = found.get((recipe, label))
-            cells.append(
-                "–"
-                if r is None
-                else f"{min(r['entropy']):.2f} / {r['output_cosine']:.2f} "
-                + ("✔" if r["healthy"] else "✘")
-            )
+            cells.append("–" if r is None else cell(r))
         optimizer = f"{some['optimizer']} {some['lr']:g}"
         lines.append(f"| {recipe} | {optimizer} | " + " | ".join(cells) + " |")
     lines += ["", "Per-layer entropies (nats):", ""]
     for r in rows:
+        if not r["entropy"]:
+            continue
         entropies = ", ".join(f"{h:.2f}" for h in r["entropy"])
         lines.append(f"- {r['recipe']} `{r['arm']}`: [{entropies}], {r['seconds']:.0f} s")
     return "\n".join(lines) + "\n"
@@ -226,8 +242,7 @@ def main() -> None:
             row = train_head(recipe, arm, feats, args.steps, scratch)
             append_jsonl(results, row)
             rows.append(row)
-            entropy, cosine = min(row["entropy"]), row["output_cosine"]
-            print(f"{recipe} {row['arm']}: entropy {entropy:.2f} cosine {cosine:.2f}", flush=True)
+            print(f"{recipe} {row['arm']}: {cell(row)}", flush=True)
     rows = [r for r in rows if r["steps"] == args.steps]
     write_text(args.out / "report.md", report(rows, args.arms, args.recipes))
     print(report(rows, args.arms, args.recipes))

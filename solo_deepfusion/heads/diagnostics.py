@@ -72,8 +72,12 @@ def _logit_std(logits: torch.Tensor) -> float:
     return float(var.sqrt().mean())
 
 
-def _output_cosine(out: torch.Tensor, num_views: int) -> float:
-    """Mean cosine between outputs of different samples (other views of a sample excluded)."""
+def output_cosine(out: torch.Tensor, num_views: int = 1) -> float:
+    """Mean cosine between outputs of different samples (other views of a sample excluded).
+
+    ``out`` holds ``num_views`` blocks of the same samples in the same order; any head's output
+    can be measured, so an MLP head gives the reference for a transformer's.
+    """
     tokens = out.shape[0]
     sample = torch.arange(tokens, device=out.device) % (tokens // num_views)
     different = sample[:, None] != sample[None, :]
@@ -103,4 +107,4 @@ def collapse_stats(
         logits = block.attn.logits(block.attention_input(h), allowed)
         entropy.append(_row_entropy(logits.softmax(dim=-1)))
         logit_std.append(_logit_std(logits))
-    return CollapseStats(tuple(entropy), tuple(logit_std), _output_cosine(out, num_views))
+    return CollapseStats(tuple(entropy), tuple(logit_std), output_cosine(out, num_views))

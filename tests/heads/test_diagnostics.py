@@ -9,7 +9,12 @@ import torch
 from torch import nn
 
 from solo_deepfusion.heads import TransformerProjector
-from solo_deepfusion.heads.diagnostics import MAX_OUTPUT_COSINE, MIN_ENTROPY, collapse_stats
+from solo_deepfusion.heads.diagnostics import (
+    MAX_OUTPUT_COSINE,
+    MIN_ENTROPY,
+    collapse_stats,
+    output_cosine,
+)
 
 TINY = {"dim": 32, "depth": 2, "heads": 4, "ffn_dim": 64}
 
@@ -80,3 +85,11 @@ def test_scalars_name_every_layer_and_the_head_is_left_as_it_was():
         "collapse/output_cosine",
     ]
     assert model.training and all(not m._forward_pre_hooks for m in model.modules())
+
+
+def test_output_cosine_leaves_out_a_samples_other_views():
+    """Four orthogonal samples, two identical views each: only the views would agree."""
+    views = torch.cat([torch.eye(4), torch.eye(4)])
+    assert output_cosine(views, num_views=2) == pytest.approx(0.0)
+    # read as 8 distinct samples, the 8 view pairs (of 56 ordered pairs) count: 1/7
+    assert output_cosine(views) == pytest.approx(8 / 56)
