@@ -37,7 +37,7 @@ from solo_deepfusion.atomic import write_text
 from solo_deepfusion.datasets import prepare_data
 from solo_deepfusion.heads.diagnostics import collapse_stats, output_cosine
 from solo_deepfusion.hub import load_backbone
-from solo_deepfusion.jsonl import append_jsonl
+from solo_deepfusion.jsonl import append_jsonl, json_safe
 from solo_deepfusion.solo.bench.grid import ProjectorSpec
 from solo_deepfusion.solo.launch import pretrain_config
 from solo_deepfusion.solo.measure import fusion_head
@@ -120,19 +120,49 @@ def recipe_config(recipe: str, arm: str, scratch: Path):
     return pretrain_config(argv)
 
 
-def train_head(recipe: str, arm: str, feats: torch.Tensor, steps: int, scratch: Path) -> dict:
-    """Fit the head alone with the recipe's method and optimizer; its diagnostics after."""
+def head_model(recipe: str, arm: str, scratch: Path):
+    """The recipe's cfg and its model with ``arm``, seeded, taking features for images."""
     cfg = recipe_config(recipe, arm, scratch)
     torch.manual_seed(0)
     model = build_model(cfg)
     for name in ("backbone", "momentum_backbone"):  # features in, features out
         if hasattr(model, name):
             setattr(model, name, nn.Identity())
-    held_out = feats[:, -cfg.optimizer.batch_size :]
-    train = FeatureCrops(feats[:, : -cfg.optimizer.batch_size])
-    sampler = torch.utils.data.RandomSampler(train, num_samples=steps * cfg.optimizer.batch_size)
+    return cfg, model
+
+
+def head_stats(model: nn.Module, arm: str, tokens: torch.Tensor) -> tuple[list, list, float]:
+    """Per-layer attention entropy and logit spread (none for ``mlp``), and the output cosine."""
+    if ProjectorSpec.parse(arm).name == "mlp":
+        with torch.no_grad():
+            return [], [], output_cosine(model.projector.eval()(tokens), num_views=2)
+    stats = collapse_stats(fusion_head(model).eval(), tokens, num_views=2)
+    return list(stats.entropy), list(stats.logit_std), stats.output_cosine
+
+
+def held_out_tokens(feats: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Both crops of the last ``batch_size`` images: one batch the head never trains on."""
+    return torch.cat([feats[0, -batch_size:], feats[1, -batch_size:]])
+
+
+def initial_cosine(recipe: str, arm: str, feats: torch.Tensor, scratch: Path) -> float | None:
+    """The transformer head's output cosine before training (``None`` for ``mlp``, whose
+    BatchNorm has no statistics yet)."""
+    if ProjectorSpec.parse(arm).name == "mlp":
+        return None
+    cfg, model = head_model(recipe, arm, scratch)
+    return head_stats(model, arm, held_out_tokens(feats, cfg.optimizer.batch_size))[2]
+
+
+def train_head(recipe: str, arm: str, feats: torch.Tensor, steps: int, scratch: Path) -> dict:
+    """Fit the head alone with the recipe's method and optimizer; its diagnostics after."""
+    init_cosine = initial_cosine(recipe, arm, feats, scratch)
+    cfg, model = head_model(recipe, arm, scratch)
+    batch_size = cfg.optimizer.batch_size
+    train = FeatureCrops(feats[:, :-batch_size])
+    sampler = torch.utils.data.RandomSampler(train, num_samples=steps * batch_size)
     loader = torch.utils.data.DataLoader(
-        train, batch_size=cfg.optimizer.batch_size, sampler=sampler, drop_last=True
+        train, batch_size=batch_size, sampler=sampler, drop_last=True
     )
     trainer = pl.Trainer(
         max_steps=steps,
@@ -147,14 +177,7 @@ def train_head(recipe: str, arm: str, feats: torch.Tensor, steps: int, scratch: 
     began = time.monotonic()
     trainer.fit(model, loader)
     seconds = time.monotonic() - began
-    tokens = torch.cat([held_out[0], held_out[1]])
-    if ProjectorSpec.parse(arm).name == "mlp":
-        with torch.no_grad():
-            cosine = output_cosine(model.projector.eval()(tokens), num_views=2)
-        entropy, logit_std = [], []
-    else:
-        stats = collapse_stats(fusion_head(model).eval(), tokens, num_views=2)
-        entropy, logit_std, cosine = list(stats.entropy), list(stats.logit_std), stats.output_cosine
+    entropy, logit_std, cosine = head_stats(model, arm, held_out_tokens(feats, batch_size))
     healthy = min(entropy, default=math.inf) > HEALTHY_ENTROPY and cosine < HEALTHY_COSINE
     return {
         "recipe": recipe,
@@ -162,20 +185,23 @@ def train_head(recipe: str, arm: str, feats: torch.Tensor, steps: int, scratch: 
         "steps": steps,
         "optimizer": cfg.optimizer.name,
         "lr": cfg.optimizer.lr,
-        "batch_size": cfg.optimizer.batch_size,
+        "batch_size": batch_size,
         "entropy": entropy,
         "logit_std": logit_std,
         "output_cosine": cosine,
+        "init_cosine": init_cosine,
         "healthy": healthy,
         "seconds": seconds,
     }
 
 
 def cell(row: dict) -> str:
-    """``min entropy / cosine ✔`` (the ``mlp`` reference: ``– / cosine``)."""
-    entropy = f"{min(row['entropy']):.2f}" if row["entropy"] else "–"
-    verdict = ("✔" if row["healthy"] else "✘") if row["entropy"] else ""
-    return f"{entropy} / {row['output_cosine']:.2f} {verdict}".rstrip()
+    """``min entropy / cosine before→after ✔`` (the ``mlp`` reference: ``– / cosine after``)."""
+    if not row["entropy"]:
+        return f"– / {row['output_cosine']:.2f}"
+    verdict = "✔" if row["healthy"] else "✘"
+    cosine = f"{row['init_cosine']:.2f}→{row['output_cosine']:.2f}"
+    return f"{min(row['entropy']):.2f} / {cosine} {verdict}"
 
 
 def report(rows: list[dict], arms: list[str], recipes: list[str]) -> str:
@@ -183,9 +209,9 @@ def report(rows: list[dict], arms: list[str], recipes: list[str]) -> str:
     lines = [
         "# Head stability under solo-learn's CIFAR optimizers (head only, peak lr)",
         "",
-        "Cell: min layer entropy (nats) / output cosine after the run; ✔ = every layer above "
-        f"{HEALTHY_ENTROPY} nats and cosine below {HEALTHY_COSINE}; `mlp` (no attention) gives "
-        "the reference cosine. "
+        "Cell: min layer entropy (nats) after the run / output cosine before→after it; ✔ = every "
+        f"layer above {HEALTHY_ENTROPY} nats and cosine below {HEALTHY_COSINE} after the run; "
+        "`mlp` (no attention) gives the reference cosine. "
         "Command: `python scripts/bench_stability.py --data <cifar10>`.",
         "",
         "| recipe | optimizer, peak lr | " + " | ".join(f"`{a}`" for a in labels) + " |",
@@ -234,6 +260,10 @@ def main() -> None:
     rows = (
         [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
     )
+    if missing := [r for r in rows if "init_cosine" not in r]:  # rows from before it was kept
+        for r in missing:
+            r["init_cosine"] = initial_cosine(r["recipe"], r["arm"], feats, scratch)
+        write_text(results, "".join(json.dumps(json_safe(r)) + "\n" for r in rows))
     done = {(r["recipe"], r["arm"], r["steps"]) for r in rows}
     for recipe in args.recipes:
         for arm in args.arms:
