@@ -13,8 +13,8 @@ any head's outputs.
     python scripts/bench_stability.py --data <cifar10 folder> --dry-run  # 2 steps, 1 recipe
 
 Rows go to ``<out>/results.jsonl`` as they finish (a rerun skips finished rows) and the table
-to ``<out>/report.md``. A head is ``healthy`` when every layer's entropy is above 0.5 nats and
-the output cosine below 0.5.
+to ``<out>/report.md``, under ``<out>/verdict.md`` when there is one. A head is ``healthy``
+when every layer's entropy is above 0.5 nats and the output cosine below 0.5.
 """
 
 from __future__ import annotations
@@ -204,11 +204,12 @@ def cell(row: dict) -> str:
     return f"{min(row['entropy']):.2f} / {cosine} {verdict}"
 
 
-def report(rows: list[dict], arms: list[str], recipes: list[str]) -> str:
+def report(rows: list[dict], arms: list[str], recipes: list[str], verdict: str = "") -> str:
     labels = [ProjectorSpec.parse(a).label for a in arms]
     lines = [
         "# Head stability under solo-learn's CIFAR optimizers (head only, peak lr)",
         "",
+        *([verdict.strip(), ""] if verdict.strip() else []),
         "Cell: min layer entropy (nats) after the run / output cosine before→after it; ✔ = every "
         f"layer above {HEALTHY_ENTROPY} nats and cosine below {HEALTHY_COSINE} after the run; "
         "`mlp` (no attention) gives the reference cosine. "
@@ -247,6 +248,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/stability"))
     parser.add_argument("--work", type=Path, default=Path("benchmarks/scratch/stability"))
     parser.add_argument("--dry-run", action="store_true", help="2 steps of the first recipe")
+    parser.add_argument(
+        "--verdict",
+        type=Path,
+        help="markdown put under the report's title (default: <out>/verdict.md, if there)",
+    )
     args = parser.parse_args()
     if not args.data:
         parser.error("--data (or SOLO_DEEPFUSION_DATA): the CIFAR-10 folder")
@@ -274,8 +280,10 @@ def main() -> None:
             rows.append(row)
             print(f"{recipe} {row['arm']}: {cell(row)}", flush=True)
     rows = [r for r in rows if r["steps"] == args.steps]
-    write_text(args.out / "report.md", report(rows, args.arms, args.recipes))
-    print(report(rows, args.arms, args.recipes))
+    verdict = args.verdict or args.out / "verdict.md"
+    text = report(rows, args.arms, args.recipes, verdict.read_text() if verdict.is_file() else "")
+    write_text(args.out / "report.md", text)
+    print(text)
 
 
 if __name__ == "__main__":
