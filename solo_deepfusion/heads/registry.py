@@ -54,7 +54,7 @@ class TransformerHeadConfig:
     heads: int = 16
     ffn_dim: int = 1024
     norm: str = "post"
-    input_norm: bool = False
+    input_norm: str = "none"
     qk_norm: bool = False
     activation: str = "gelu"
     dropout: float = 0.0

@@ -23,6 +23,9 @@ from solo_deepfusion.heads.distributed import distributed_world, gather_tokens
 from solo_deepfusion.validation import check_choice, check_flag
 
 CONTEXTS = ("joint", "view")
+# What normalises the tokens right after ``in_proj`` (``True``/``False``: older configs' spelling).
+INPUT_NORMS = {"none": nn.Identity, "layer": nn.LayerNorm, "batch": nn.BatchNorm1d}
+LEGACY_INPUT_NORMS = {True: "layer", False: "none"}
 MASKS = ("none", "self", "positives")
 NORMS = ("post", "pre")
 ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
@@ -165,8 +168,12 @@ class TransformerProjector(nn.Module):
         out_dim: output size; keep the recipe's ``proj_output_dim``.
         dim, depth, heads, ffn_dim: width, number of blocks, attention heads, FFN hidden size.
         norm: ``"post"`` (the authors') or ``"pre"`` LayerNorm placement.
-        input_norm: a LayerNorm right after ``in_proj``, so the first block never sees the
-            backbone's scale (a post-norm head's first block attends over raw ``in_proj``).
+        input_norm: what normalises the tokens right after ``in_proj``: ``"layer"``, a
+            LayerNorm, so the first block never sees the backbone's scale (a post-norm head's
+            first block attends over raw ``in_proj``); ``"batch"``, a BatchNorm1d that centres
+            every feature over the tokens, like the BatchNorm of solo-learn's MLP heads (the
+            backbone's non-negative features otherwise share one direction); or ``"none"``.
+            ``True``/``False`` mean ``"layer"``/``"none"``.
         qk_norm: a LayerNorm of every attention head's queries and keys (bounded logits).
         activation: FFN activation, one of ``ACTIVATIONS``.
         dropout: dropout on attention weights, residual branches and the FFN.
@@ -190,7 +197,7 @@ class TransformerProjector(nn.Module):
         heads: int = 16,
         ffn_dim: int = 1024,
         norm: str = "post",
-        input_norm: bool = False,
+        input_norm: str | bool = "none",
         qk_norm: bool = False,
         activation: str = "gelu",
         dropout: float = 0.0,
@@ -205,7 +212,9 @@ class TransformerProjector(nn.Module):
         check_choice("activation", activation, tuple(ACTIVATIONS))
         check_choice("context", context, CONTEXTS)
         check_choice("mask", mask, MASKS)
-        check_flag("input_norm", input_norm)
+        if isinstance(input_norm, bool):
+            input_norm = LEGACY_INPUT_NORMS[input_norm]
+        check_choice("input_norm", input_norm, tuple(INPUT_NORMS))
         check_flag("qk_norm", qk_norm)
         dims = (("in_dim", in_dim), ("out_dim", out_dim), ("dim", dim), ("ffn_dim", ffn_dim))
         for field, value in dims:
@@ -222,7 +231,7 @@ class TransformerProjector(nn.Module):
         self.gather_distributed = gather_distributed
         self.check_inputs = check_inputs
         self.in_proj = nn.Linear(in_dim, dim)
-        self.input_norm = nn.LayerNorm(dim) if input_norm else nn.Identity()
+        self.input_norm = INPUT_NORMS[input_norm](dim)
         self.blocks = nn.ModuleList(
             FusionBlock(dim, heads, ffn_dim, norm, activation, dropout, gather_distributed, qk_norm)
             for _ in range(depth)

@@ -44,6 +44,9 @@ def reference_forward(head: TransformerProjector, x: torch.Tensor, num_views: in
         h = nn.functional.layer_norm(
             h, (h.shape[-1],), head.input_norm.weight, head.input_norm.bias, head.input_norm.eps
         )
+    elif isinstance(head.input_norm, nn.BatchNorm1d):  # eval mode: the running statistics
+        bn = head.input_norm
+        h = (h - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight + bn.bias
     for block in head.blocks:
         attn = block.attn
         inp = block.norm1(h) if block.pre_norm else h
@@ -78,12 +81,16 @@ def reference_forward(head: TransformerProjector, x: torch.Tensor, num_views: in
 
 
 def randomize_norms(head: nn.Module) -> nn.Module:
-    """Non-trivial LayerNorm affines, so the reference also checks where each one applies."""
+    """Non-trivial norm affines (and BatchNorm statistics), so the reference also checks where
+    each one applies."""
     g = torch.Generator().manual_seed(3)
     for module in head.modules():
-        if isinstance(module, nn.LayerNorm):
+        if isinstance(module, nn.LayerNorm | nn.BatchNorm1d):
             module.weight.data = 1 + 0.5 * torch.randn(module.weight.shape, generator=g)
             module.bias.data = 0.5 * torch.randn(module.bias.shape, generator=g)
+        if isinstance(module, nn.BatchNorm1d):
+            module.running_mean = torch.randn(module.running_mean.shape, generator=g)
+            module.running_var = 0.5 + torch.rand(module.running_var.shape, generator=g)
     return head
 
 
@@ -206,7 +213,13 @@ def test_masked_entries_get_exactly_zero_and_rows_sum_to_one(mask, num_views):
 @pytest.mark.parametrize("norm", ["post", "pre"])
 @pytest.mark.parametrize(
     "stability",
-    [{}, {"input_norm": True}, {"qk_norm": True}, {"input_norm": True, "qk_norm": True}],
+    [
+        {},
+        {"input_norm": True},
+        {"input_norm": "batch"},
+        {"qk_norm": True},
+        {"input_norm": True, "qk_norm": True},
+    ],
 )
 def test_matches_naive_float64_reference(mask, norm, stability):
     fields = {"mask": mask, "norm": norm, **stability}
@@ -263,7 +276,8 @@ def test_seeded_construction_and_forward_are_deterministic():
         ({"dropout": 1.5}, r"dropout must be in \[0, 1\)"),
         ({"qk_norm": "yes"}, r"qk_norm='yes'.*\[False, True\]"),
         ({"ffn_dim": 0}, r"ffn_dim must be a positive integer, got 0"),
-        ({"input_norm": 1}, r"input_norm=1.*\[False, True\]"),
+        ({"input_norm": 1}, r"input_norm=1.*\['batch', 'layer', 'none'\]"),
+        ({"input_norm": "group"}, r"input_norm='group'.*\['batch', 'layer', 'none'\]"),
     ],
 )
 def test_bad_configuration_names_the_field(kwargs, message):
@@ -322,3 +336,20 @@ def test_finite_inputs_that_overflow_inside_the_head_are_an_error_not_nan():
     with pytest.raises(ValueError, match=r"output is not finite: inputs up to \|x\| = 1e\+30"):
         head(torch.full((6, 24), 1e30))
     assert head(1e6 * torch.randn(6, 24)).isfinite().all()
+
+
+def test_input_norm_spellings_build_their_layer():
+    for value, layer in [("none", nn.Identity), (False, nn.Identity), ("layer", nn.LayerNorm),
+                         (True, nn.LayerNorm), ("batch", nn.BatchNorm1d)]:  # fmt: skip
+        assert type(tiny_head(input_norm=value).input_norm) is layer, value
+
+
+def test_batch_input_norm_centres_every_feature_over_the_tokens():
+    """Non-negative features (a ReLU backbone's) share a direction; the BatchNorm removes it."""
+    head = tiny_head(input_norm="batch").train()
+    seen = []
+    head.blocks[0].register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    head(torch.rand(12, 24) + 1.0, num_views=2)
+    tokens = seen[0]
+    torch.testing.assert_close(tokens.mean(0), torch.zeros(tokens.shape[1]), atol=1e-5, rtol=0)
+    assert torch.allclose(tokens.var(0, unbiased=False), torch.ones(tokens.shape[1]), atol=1e-3)
