@@ -19,10 +19,10 @@
 # appended one whole line per cell, is shared.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-: "${SOLO_DEEPFUSION_DATA:?set SOLO_DEEPFUSION_DATA to the CIFAR-10 folder}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 bench=(nice -n 19 "${SOLO_DEEPFUSION_BIN:-.venv/bin/solo-deepfusion}")
 phase="${1:?phase: screen | confirm | horizon | byol | report}"
+[ "$phase" = report ] || : "${SOLO_DEEPFUSION_DATA:?set SOLO_DEEPFUSION_DATA to the CIFAR-10 folder}"
 shift
 work="${SOLO_DEEPFUSION_STUDY_WORK:-benchmarks/scratch}"
 common=(
