@@ -156,9 +156,10 @@ def initial_cosine(recipe: str, arm: str, feats: torch.Tensor, scratch: Path) ->
 
 def train_head(recipe: str, arm: str, feats: torch.Tensor, steps: int, scratch: Path) -> dict:
     """Fit the head alone with the recipe's method and optimizer; its diagnostics after."""
-    init_cosine = initial_cosine(recipe, arm, feats, scratch)
     cfg, model = head_model(recipe, arm, scratch)
     batch_size = cfg.optimizer.batch_size
+    mlp = ProjectorSpec.parse(arm).name == "mlp"  # its BatchNorm has no statistics before
+    init_cosine = None if mlp else head_stats(model, arm, held_out_tokens(feats, batch_size))[2]
     train = FeatureCrops(feats[:, :-batch_size])
     sampler = torch.utils.data.RandomSampler(train, num_samples=steps * batch_size)
     loader = torch.utils.data.DataLoader(
