@@ -176,7 +176,7 @@ def train_head(recipe: str, arm: str, feats: torch.Tensor, steps: int, scratch: 
         limit_val_batches=0,
     )
     began = time.monotonic()
-    trainer.fit(model, loader)
+    trainer.fit(model.train(), loader)  # (measured in eval mode just above)
     seconds = time.monotonic() - began
     entropy, logit_std, cosine = head_stats(model, arm, held_out_tokens(feats, batch_size))
     healthy = min(entropy, default=math.inf) > HEALTHY_ENTROPY and cosine < HEALTHY_COSINE
