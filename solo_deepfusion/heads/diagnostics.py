@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from solo_deepfusion.heads.transformer import TransformerProjector
 
@@ -89,9 +90,17 @@ def output_cosine(out: torch.Tensor, num_views: int = 1) -> float:
 
 @torch.no_grad()
 def collapse_stats(
-    head: TransformerProjector, x: torch.Tensor, *, num_views: int = 1
+    head: TransformerProjector,
+    x: torch.Tensor,
+    *,
+    num_views: int = 1,
+    tail: nn.Module | None = None,
 ) -> CollapseStats:
-    """Run ``head`` once on ``x`` (no gradients) and measure every layer and the output."""
+    """Run ``head`` once on ``x`` (no gradients) and measure every layer and the output.
+
+    ``tail`` is what the method applies to the head's output before its loss (MoCo v3's last
+    BatchNorm); the output cosine is measured after it, on what the loss sees.
+    """
     inputs: list[tuple[torch.Tensor, Any]] = []
     hooks = [
         block.register_forward_pre_hook(lambda _, args: inputs.append(args[:2]))
@@ -107,4 +116,6 @@ def collapse_stats(
         logits = block.attn.logits(block.attention_input(h), allowed)
         entropy.append(_row_entropy(logits.softmax(dim=-1)))
         logit_std.append(_logit_std(logits))
+    if tail is not None:
+        out = tail(out)
     return CollapseStats(tuple(entropy), tuple(logit_std), output_cosine(out, num_views))

@@ -55,6 +55,7 @@ class TransformerHeadConfig:
     ffn_dim: int = 1024
     norm: str = "post"
     input_norm: str = "none"
+    output_norm: str = "none"
     qk_norm: bool = False
     activation: str = "gelu"
     dropout: float = 0.0

@@ -26,6 +26,8 @@ CONTEXTS = ("joint", "view")
 # What normalises the tokens right after ``in_proj`` (``True``/``False``: older configs' spelling).
 INPUT_NORMS = {"none": nn.Identity, "layer": nn.LayerNorm, "batch": nn.BatchNorm1d}
 LEGACY_INPUT_NORMS = {True: "layer", False: "none"}
+# What normalises the output: ``batch`` is MoCo v3's and SimSiam's last BatchNorm (no affine).
+OUTPUT_NORMS = {"none": nn.Identity, "batch": functools.partial(nn.BatchNorm1d, affine=False)}
 MASKS = ("none", "self", "positives")
 NORMS = ("post", "pre")
 ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
@@ -174,6 +176,10 @@ class TransformerProjector(nn.Module):
             every feature over the tokens, like the BatchNorm of solo-learn's MLP heads (the
             backbone's non-negative features otherwise share one direction); or ``"none"``.
             ``True``/``False`` mean ``"layer"``/``"none"``.
+        output_norm: ``"batch"``, a BatchNorm1d without affine parameters on the output, as
+            MoCo v3's and SimSiam's projectors end: it removes the direction that every
+            sample's output shares (attention adds the batch mean to every token), which
+            BYOL's and MoCo v3's losses do not remove; or ``"none"``.
         qk_norm: a LayerNorm of every attention head's queries and keys (bounded logits).
         activation: FFN activation, one of ``ACTIVATIONS``.
         dropout: dropout on attention weights, residual branches and the FFN.
@@ -198,6 +204,7 @@ class TransformerProjector(nn.Module):
         ffn_dim: int = 1024,
         norm: str = "post",
         input_norm: str | bool = "none",
+        output_norm: str = "none",
         qk_norm: bool = False,
         activation: str = "gelu",
         dropout: float = 0.0,
@@ -215,6 +222,7 @@ class TransformerProjector(nn.Module):
         if isinstance(input_norm, bool):
             input_norm = LEGACY_INPUT_NORMS[input_norm]
         check_choice("input_norm", input_norm, tuple(INPUT_NORMS))
+        check_choice("output_norm", output_norm, tuple(OUTPUT_NORMS))
         check_flag("qk_norm", qk_norm)
         dims = (("in_dim", in_dim), ("out_dim", out_dim), ("dim", dim), ("ffn_dim", ffn_dim))
         for field, value in dims:
@@ -238,6 +246,7 @@ class TransformerProjector(nn.Module):
         )
         self.final_norm = nn.LayerNorm(dim) if norm == "pre" else nn.Identity()
         self.out_proj = nn.Linear(dim, out_dim)
+        self.output_norm = OUTPUT_NORMS[output_norm](out_dim)
         self.tail = tail if tail is not None else nn.Identity()
 
     def _validate(self, x: torch.Tensor, num_views: int, world_size: int) -> None:
@@ -275,7 +284,7 @@ class TransformerProjector(nn.Module):
         for block in self.blocks:
             h, weights = block(h, allowed, return_attention)
             maps.append(weights)
-        out = self.tail(self.out_proj(self.final_norm(h)))
+        out = self.tail(self.output_norm(self.out_proj(self.final_norm(h))))
         if self.check_inputs and not torch.isfinite(out).all():
             raise ValueError(
                 f"the head's output is not finite: inputs up to |x| = {x.abs().max().item():.3g} "

@@ -63,6 +63,13 @@ def fusion_head(model: nn.Module) -> TransformerProjector:
     return head
 
 
+def head_tail(model: nn.Module) -> nn.Module:
+    """What a ``<method>_transformer`` model applies to its head's output before the loss
+    (MoCo v3's last BatchNorm; ``nn.Identity`` for most methods)."""
+    fusion_head(model)  # the same error for a model without a transformer head
+    return model.get_submodule(model.context_projector).tail
+
+
 @contextmanager
 def evaluating(model: nn.Module) -> Iterator[None]:
     """Eval mode and no gradients; each module's own train/eval flag is restored after."""

@@ -39,6 +39,7 @@ from solo_deepfusion.solo.measure import (
     backbone_features,
     evaluating,
     fusion_head,
+    head_tail,
     local_attention,
 )
 
@@ -234,7 +235,8 @@ class CollapseMonitor(pl.Callback):
     On every ``every_n_steps``-th training step, and on the last, the head's input (the step's
     backbone features, all views) is kept, and after the step the head is run once more on it,
     without gradients and with dropout off, to measure
-    :func:`~solo_deepfusion.heads.diagnostics.collapse_stats`: ``collapse/layer<k>/entropy``,
+    :func:`~solo_deepfusion.heads.diagnostics.collapse_stats`, the output cosine after the
+    method's tail (what its loss sees): ``collapse/layer<k>/entropy``,
     ``collapse/layer<k>/logit_std`` and ``collapse/output_cosine`` go to the run's loggers,
     and the first time a threshold is crossed one warning says which. Attention spans this
     process's tokens (no all-gather).
@@ -288,8 +290,9 @@ class CollapseMonitor(pl.Callback):
         feats, num_views = self._captured
         self._captured = None
         head = fusion_head(pl_module)
-        with evaluating(head), local_attention(head):
-            stats = collapse_stats(head, feats, num_views=num_views)
+        tail = head_tail(pl_module)
+        with evaluating(head), evaluating(tail), local_attention(head):
+            stats = collapse_stats(head, feats, num_views=num_views, tail=tail)
         self.last, self.last_step = stats, self._step
         if trainer.is_global_zero:  # straight to the loggers: self.log would repeat old values
             for logger in trainer.loggers:

@@ -74,6 +74,21 @@ def test_identical_outputs_have_cosine_one_and_are_reported():
     assert abs(spread.output_cosine) < 0.5
 
 
+def test_output_cosine_is_that_of_the_tail_output():
+    """A method's tail (MoCo v3's last BatchNorm) can remove the direction outputs share."""
+    model = head()
+    nn.init.constant_(model.out_proj.bias, 3.0)  # every output shares one direction
+    x = features(16)
+    out = model(x, num_views=2)
+    tail = nn.BatchNorm1d(16, affine=False).eval()
+    tail.running_mean = out.detach().mean(0)
+    raw = collapse_stats(model, x, num_views=2)
+    centred = collapse_stats(model, x, num_views=2, tail=tail)
+    assert raw.output_cosine > 0.9 and abs(centred.output_cosine) < 0.1
+    assert centred.output_cosine == pytest.approx(output_cosine(tail(out), num_views=2))
+    assert centred.entropy == raw.entropy
+
+
 def test_scalars_name_every_layer_and_the_head_is_left_as_it_was():
     model = head().train()
     stats = collapse_stats(model, features(8))

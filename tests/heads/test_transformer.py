@@ -18,6 +18,7 @@ from solo_deepfusion.heads import (
     TransformerProjector,
     build_projector,
 )
+from solo_deepfusion.heads.diagnostics import output_cosine
 
 TINY = {"dim": 32, "depth": 2, "heads": 4, "ffn_dim": 64}
 
@@ -77,7 +78,11 @@ def reference_forward(head: TransformerProjector, x: torch.Tensor, num_views: in
             h = block.norm1(h + attended)
             h = block.norm2(h + block.ffn(h))
         maps.append(torch.stack(layer_maps))
-    return head.out_proj(head.final_norm(h)), maps
+    out = head.out_proj(head.final_norm(h))
+    if isinstance(head.output_norm, nn.BatchNorm1d):  # eval mode, no affine
+        bn = head.output_norm
+        out = (out - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps)
+    return out, maps
 
 
 def randomize_norms(head: nn.Module) -> nn.Module:
@@ -85,7 +90,7 @@ def randomize_norms(head: nn.Module) -> nn.Module:
     each one applies."""
     g = torch.Generator().manual_seed(3)
     for module in head.modules():
-        if isinstance(module, nn.LayerNorm | nn.BatchNorm1d):
+        if isinstance(module, nn.LayerNorm | nn.BatchNorm1d) and module.weight is not None:
             module.weight.data = 1 + 0.5 * torch.randn(module.weight.shape, generator=g)
             module.bias.data = 0.5 * torch.randn(module.bias.shape, generator=g)
         if isinstance(module, nn.BatchNorm1d):
@@ -219,6 +224,7 @@ def test_masked_entries_get_exactly_zero_and_rows_sum_to_one(mask, num_views):
         {"input_norm": "batch"},
         {"qk_norm": True},
         {"input_norm": True, "qk_norm": True},
+        {"output_norm": "batch"},
     ],
 )
 def test_matches_naive_float64_reference(mask, norm, stability):
@@ -247,6 +253,7 @@ def test_attention_maps_do_not_change_the_output():
 @pytest.mark.parametrize("stability", [False, True])
 def test_every_parameter_receives_a_gradient(norm, mask, stability):
     flags = {"input_norm": stability, "qk_norm": stability}
+    flags["output_norm"] = "batch" if stability else "none"
     head = tiny_head(norm=norm, mask=mask, tail=nn.BatchNorm1d(16), **flags)
     head(torch.randn(8, 24), num_views=2).square().sum().backward()
     missing = [n for n, p in head.named_parameters() if p.grad is None or not p.grad.any()]
@@ -278,6 +285,7 @@ def test_seeded_construction_and_forward_are_deterministic():
         ({"ffn_dim": 0}, r"ffn_dim must be a positive integer, got 0"),
         ({"input_norm": 1}, r"input_norm=1.*\['batch', 'layer', 'none'\]"),
         ({"input_norm": "group"}, r"input_norm='group'.*\['batch', 'layer', 'none'\]"),
+        ({"output_norm": "layer"}, r"output_norm='layer'.*\['batch', 'none'\]"),
     ],
 )
 def test_bad_configuration_names_the_field(kwargs, message):
@@ -353,3 +361,15 @@ def test_batch_input_norm_centres_every_feature_over_the_tokens():
     tokens = seen[0]
     torch.testing.assert_close(tokens.mean(0), torch.zeros(tokens.shape[1]), atol=1e-5, rtol=0)
     assert torch.allclose(tokens.var(0, unbiased=False), torch.ones(tokens.shape[1]), atol=1e-3)
+
+
+def test_batch_output_norm_removes_the_direction_every_output_shares():
+    """Inputs that share a direction (a ReLU backbone's) give outputs that share one; the
+    BatchNorm centres each output feature over the tokens, as MoCo v3's projector ends."""
+    x = torch.rand(16, 24) + 1.0
+    shared = tiny_head(norm="pre").train()(x, num_views=2)
+    centred = tiny_head(norm="pre", output_norm="batch").train()(x, num_views=2)
+    assert output_cosine(shared, num_views=2) > 0.5
+    assert abs(output_cosine(centred, num_views=2)) < 0.1
+    torch.testing.assert_close(centred.mean(0), torch.zeros(16), atol=1e-5, rtol=0)
+    assert list(tiny_head(output_norm="batch").output_norm.parameters()) == []  # no affine

@@ -30,6 +30,7 @@ from solo_deepfusion.solo.analysis import analyse_checkpoint, main
 from solo_deepfusion.solo.measure import (
     evaluating,
     fusion_head,
+    head_tail,
     local_attention,
     unsupervised_accuracy,
 )
@@ -424,9 +425,11 @@ class HeadInputs(pl.Callback):
         fusion_head(pl_module).register_forward_pre_hook(keep, with_kwargs=True)
 
 
-def fit_with_collapse_monitor(every: int, collapse: bool, tmp_path: Path):
+def fit_with_collapse_monitor(
+    every: int, collapse: bool, tmp_path: Path, method: str = "simclr_transformer"
+):
     torch.manual_seed(0)
-    cfg = method_cfg("simclr_transformer", **SMALL)
+    cfg = method_cfg(method, **SMALL)
     cfg.backbone = TINY_VIT
     cfg.optimizer.lr = 0.0  # the head stays as built, so its stats can be recomputed after
     model = build_model(cfg)
@@ -453,13 +456,16 @@ def fit_with_collapse_monitor(every: int, collapse: bool, tmp_path: Path):
     return model, monitor, inputs, Path(logger.log_dir) / "metrics.csv"
 
 
-def test_collapse_monitor_measures_the_heads_own_input_every_n_steps(tmp_path):
-    model, monitor, inputs, metrics = fit_with_collapse_monitor(3, False, tmp_path)
+@pytest.mark.parametrize("method", ["simclr_transformer", "mocov3_transformer"])
+def test_collapse_monitor_measures_the_heads_own_input_every_n_steps(tmp_path, method):
+    model, monitor, inputs, metrics = fit_with_collapse_monitor(3, False, tmp_path, method)
     assert monitor.last_step == 2 and len(inputs.inputs) == 3  # step 0, then the last
     feats, views = inputs.inputs[2]
     assert views == 2 and feats.shape[0] == 16  # both views of the batch, one joint call
-    head = fusion_head(model).eval()
-    assert monitor.last == collapse_stats(head, feats, num_views=2)
+    head, tail = fusion_head(model).eval(), head_tail(model).eval()
+    # The output cosine is that of what the loss sees: after MoCo v3's last BatchNorm.
+    assert isinstance(tail, nn.BatchNorm1d) == (method == "mocov3_transformer")
+    assert monitor.last == collapse_stats(head, feats, num_views=2, tail=tail)
     rows = list(csv.DictReader(metrics.open()))
     logged = [r["step"] for r in rows if r.get("collapse/layer2/logit_std")]
     assert logged == ["0", "2"]
