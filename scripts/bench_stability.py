@@ -37,10 +37,10 @@ from solo_deepfusion.atomic import write_text
 from solo_deepfusion.datasets import prepare_data
 from solo_deepfusion.heads.diagnostics import collapse_stats, output_cosine
 from solo_deepfusion.hub import load_backbone
-from solo_deepfusion.jsonl import append_jsonl, json_safe
+from solo_deepfusion.jsonl import append_jsonl
 from solo_deepfusion.solo.bench.grid import ProjectorSpec
 from solo_deepfusion.solo.launch import pretrain_config
-from solo_deepfusion.solo.measure import fusion_head
+from solo_deepfusion.solo.measure import evaluating, fusion_head, head_tail
 from solo_deepfusion.solo.model import build_model
 
 RECIPES = ("simclr", "byol", "mocov3", "barlow", "vicreg", "swav")
@@ -52,6 +52,9 @@ ARMS = (
     "transformer:norm=pre,qk_norm=true",
     "transformer:lr_scale=0.1,norm=pre",  # the confirm's two arms (benchmarks/screen/verdict.md)
     "transformer:lr_scale=0.1,mask=positives,norm=pre",
+    "transformer:input_norm=batch,norm=pre",
+    "transformer:norm=pre,output_norm=batch",
+    "transformer:lr_scale=0.1,norm=pre,output_norm=batch",
 )
 FEATURES_BACKBONE = "simclr-r18-cifar10-cpu"
 HEALTHY_ENTROPY, HEALTHY_COSINE = 0.5, 0.5
@@ -132,26 +135,18 @@ def head_model(recipe: str, arm: str, scratch: Path):
 
 
 def head_stats(model: nn.Module, arm: str, tokens: torch.Tensor) -> tuple[list, list, float]:
-    """Per-layer attention entropy and logit spread (none for ``mlp``), and the output cosine."""
-    if ProjectorSpec.parse(arm).name == "mlp":
-        with torch.no_grad():
-            return [], [], output_cosine(model.projector.eval()(tokens), num_views=2)
-    stats = collapse_stats(fusion_head(model).eval(), tokens, num_views=2)
+    """Per-layer attention entropy and logit spread (none for ``mlp``), and the cosine of the
+    outputs the loss sees (after the method's tail, MoCo v3's last BatchNorm, for every head)."""
+    with evaluating(model):
+        if ProjectorSpec.parse(arm).name == "mlp":
+            return [], [], output_cosine(model.projector(tokens), num_views=2)
+        stats = collapse_stats(fusion_head(model), tokens, num_views=2, tail=head_tail(model))
     return list(stats.entropy), list(stats.logit_std), stats.output_cosine
 
 
 def held_out_tokens(feats: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Both crops of the last ``batch_size`` images: one batch the head never trains on."""
     return torch.cat([feats[0, -batch_size:], feats[1, -batch_size:]])
-
-
-def initial_cosine(recipe: str, arm: str, feats: torch.Tensor, scratch: Path) -> float | None:
-    """The transformer head's output cosine before training (``None`` for ``mlp``, whose
-    BatchNorm has no statistics yet)."""
-    if ProjectorSpec.parse(arm).name == "mlp":
-        return None
-    cfg, model = head_model(recipe, arm, scratch)
-    return head_stats(model, arm, held_out_tokens(feats, cfg.optimizer.batch_size))[2]
 
 
 def train_head(recipe: str, arm: str, feats: torch.Tensor, steps: int, scratch: Path) -> dict:
@@ -176,7 +171,7 @@ def train_head(recipe: str, arm: str, feats: torch.Tensor, steps: int, scratch: 
         limit_val_batches=0,
     )
     began = time.monotonic()
-    trainer.fit(model.train(), loader)  # (measured in eval mode just above)
+    trainer.fit(model, loader)
     seconds = time.monotonic() - began
     entropy, logit_std, cosine = head_stats(model, arm, held_out_tokens(feats, batch_size))
     healthy = min(entropy, default=math.inf) > HEALTHY_ENTROPY and cosine < HEALTHY_COSINE
@@ -267,10 +262,6 @@ def main() -> None:
     rows = (
         [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
     )
-    if missing := [r for r in rows if "init_cosine" not in r]:  # rows from before it was kept
-        for r in missing:
-            r["init_cosine"] = initial_cosine(r["recipe"], r["arm"], feats, scratch)
-        write_text(results, "".join(json.dumps(json_safe(r)) + "\n" for r in rows))
     done = {(r["recipe"], r["arm"], r["steps"]) for r in rows}
     for recipe in args.recipes:
         for arm in args.arms:
