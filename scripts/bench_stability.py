@@ -54,7 +54,7 @@ ARMS = (
     "transformer:lr_scale=0.1,mask=positives,norm=pre",
     "transformer:input_norm=batch,norm=pre",
     "transformer:norm=pre,output_norm=batch",
-    "transformer:lr_scale=0.1,norm=pre,output_norm=batch",
+    "transformer:lr_scale=0.1,mask=positives,norm=pre,output_norm=batch",
 )
 FEATURES_BACKBONE = "simclr-r18-cifar10-cpu"
 HEALTHY_ENTROPY, HEALTHY_COSINE = 0.5, 0.5
@@ -134,14 +134,28 @@ def head_model(recipe: str, arm: str, scratch: Path):
     return cfg, model
 
 
-def head_stats(model: nn.Module, arm: str, tokens: torch.Tensor) -> tuple[list, list, float]:
-    """Per-layer attention entropy and logit spread (none for ``mlp``), and the cosine of the
-    outputs the loss sees (after the method's tail, MoCo v3's last BatchNorm, for every head)."""
+def head_stats(model: nn.Module, arm: str, tokens: torch.Tensor) -> dict:
+    """Per-layer attention entropy and logit spread (none for ``mlp``); the cosine of the
+    outputs the loss sees (after the head's ``output_norm`` and the method's tail, MoCo v3's
+    last BatchNorm); and, for a transformer, that of ``out_proj``'s output before either: a
+    BatchNorm can spread outputs that had collapsed to one vector plus tiny noise."""
     with evaluating(model):
         if ProjectorSpec.parse(arm).name == "mlp":
-            return [], [], output_cosine(model.projector(tokens), num_views=2)
-        stats = collapse_stats(fusion_head(model), tokens, num_views=2, tail=head_tail(model))
-    return list(stats.entropy), list(stats.logit_std), stats.output_cosine
+            cosine = output_cosine(model.projector(tokens), num_views=2)
+            return {"entropy": [], "logit_std": [], "output_cosine": cosine}
+        head = fusion_head(model)
+        raw = []
+        hook = head.out_proj.register_forward_hook(lambda *args: raw.append(args[-1]))
+        try:
+            stats = collapse_stats(head, tokens, num_views=2, tail=head_tail(model))
+        finally:
+            hook.remove()
+    return {
+        "entropy": list(stats.entropy),
+        "logit_std": list(stats.logit_std),
+        "output_cosine": stats.output_cosine,
+        "head_output_cosine": output_cosine(raw[0], num_views=2),
+    }
 
 
 def held_out_tokens(feats: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -154,7 +168,9 @@ def train_head(recipe: str, arm: str, feats: torch.Tensor, steps: int, scratch: 
     cfg, model = head_model(recipe, arm, scratch)
     batch_size = cfg.optimizer.batch_size
     mlp = ProjectorSpec.parse(arm).name == "mlp"  # its BatchNorm has no statistics before
-    init_cosine = None if mlp else head_stats(model, arm, held_out_tokens(feats, batch_size))[2]
+    init_cosine = (
+        None if mlp else head_stats(model, arm, held_out_tokens(feats, batch_size))["output_cosine"]
+    )
     train = FeatureCrops(feats[:, :-batch_size])
     sampler = torch.utils.data.RandomSampler(train, num_samples=steps * batch_size)
     loader = torch.utils.data.DataLoader(
@@ -171,10 +187,21 @@ def train_head(recipe: str, arm: str, feats: torch.Tensor, steps: int, scratch: 
         limit_val_batches=0,
     )
     began = time.monotonic()
-    trainer.fit(model, loader)
+    diverged_at = None
+    try:
+        trainer.fit(model, loader)
+    except ValueError as err:  # the head checks its own output: training diverged
+        if "not finite" not in str(err):
+            raise
+        diverged_at = trainer.global_step
     seconds = time.monotonic() - began
-    entropy, logit_std, cosine = head_stats(model, arm, held_out_tokens(feats, batch_size))
-    healthy = min(entropy, default=math.inf) > HEALTHY_ENTROPY and cosine < HEALTHY_COSINE
+    stats, healthy = {"entropy": [], "logit_std": [], "output_cosine": None}, False
+    if diverged_at is None:
+        stats = head_stats(model, arm, held_out_tokens(feats, batch_size))
+        healthy = (
+            min(stats["entropy"], default=math.inf) > HEALTHY_ENTROPY
+            and stats["output_cosine"] < HEALTHY_COSINE
+        )
     return {
         "recipe": recipe,
         "arm": ProjectorSpec.parse(arm).label,
@@ -182,17 +209,19 @@ def train_head(recipe: str, arm: str, feats: torch.Tensor, steps: int, scratch: 
         "optimizer": cfg.optimizer.name,
         "lr": cfg.optimizer.lr,
         "batch_size": batch_size,
-        "entropy": entropy,
-        "logit_std": logit_std,
-        "output_cosine": cosine,
+        **stats,
         "init_cosine": init_cosine,
         "healthy": healthy,
+        "diverged_at_step": diverged_at,
         "seconds": seconds,
     }
 
 
 def cell(row: dict) -> str:
-    """``min entropy / cosine before→after ✔`` (the ``mlp`` reference: ``– / cosine after``)."""
+    """``min entropy / cosine before→after ✔`` (the ``mlp`` reference: ``– / cosine after``;
+    a head whose output stopped being finite: the step it did)."""
+    if row.get("diverged_at_step") is not None:
+        return f"diverged (non-finite output) at step {row['diverged_at_step']} ✘"
     if not row["entropy"]:
         return f"– / {row['output_cosine']:.2f}"
     verdict = "✔" if row["healthy"] else "✘"
@@ -206,7 +235,8 @@ def report(rows: list[dict], arms: list[str], recipes: list[str], verdict: str =
         "# Head stability under solo-learn's CIFAR optimizers (head only, peak lr)",
         "",
         *([verdict.strip(), ""] if verdict.strip() else []),
-        "Cell: min layer entropy (nats) after the run / output cosine before→after it; ✔ = every "
+        "Cell: min layer entropy (nats) after the run / output cosine (of what the loss sees: "
+        "after `output_norm` and the method's tail) before→after it; ✔ = every "
         f"layer above {HEALTHY_ENTROPY} nats and cosine below {HEALTHY_COSINE} after the run; "
         "`mlp` (no attention) gives the reference cosine. "
         "Command: `python scripts/bench_stability.py --data <cifar10>`.",
@@ -225,12 +255,19 @@ def report(rows: list[dict], arms: list[str], recipes: list[str], verdict: str =
             cells.append("–" if r is None else cell(r))
         optimizer = f"{some['optimizer']} {some['lr']:g}"
         lines.append(f"| {recipe} | {optimizer} | " + " | ".join(cells) + " |")
-    lines += ["", "Per-layer entropies (nats):", ""]
+    lines += [
+        "",
+        "Per-layer entropies (nats); the cosine of `out_proj`'s output, before "
+        "`output_norm` and the method's tail, where recorded:",
+        "",
+    ]
     for r in rows:
         if not r["entropy"]:
             continue
         entropies = ", ".join(f"{h:.2f}" for h in r["entropy"])
-        lines.append(f"- {r['recipe']} `{r['arm']}`: [{entropies}], {r['seconds']:.0f} s")
+        raw = r.get("head_output_cosine")
+        before = "" if raw is None else f", `out_proj` output cosine {raw:.3f}"
+        lines.append(f"- {r['recipe']} `{r['arm']}`: [{entropies}]{before}, {r['seconds']:.0f} s")
     return "\n".join(lines) + "\n"
 
 
