@@ -11,6 +11,7 @@ any head's outputs.
 
     python scripts/bench_stability.py --data <cifar10 folder>          # the table in minutes
     python scripts/bench_stability.py --data <cifar10 folder> --dry-run  # 2 steps, 1 recipe
+    python scripts/bench_stability.py --report-only                      # the table, again
 
 Rows go to ``<out>/results.jsonl`` as they finish (a rerun skips finished rows) and the table
 to ``<out>/report.md``, under ``<out>/verdict.md`` when there is one. A head is ``healthy``
@@ -271,6 +272,23 @@ def report(rows: list[dict], arms: list[str], recipes: list[str], verdict: str =
     return "\n".join(lines) + "\n"
 
 
+def run_missing(args: argparse.Namespace, rows: list[dict], results: Path) -> None:
+    """Train every (recipe, arm) of ``args`` that ``rows`` lacks; append each row as it ends."""
+    args.work.mkdir(parents=True, exist_ok=True)
+    scratch = args.work / "empty"
+    scratch.mkdir(exist_ok=True)
+    feats = cached_features(Path(args.data), args.work, args.per_class)
+    done = {(r["recipe"], r["arm"], r["steps"]) for r in rows}
+    for recipe in args.recipes:
+        for arm in args.arms:
+            if (recipe, ProjectorSpec.parse(arm).label, args.steps) in done:
+                continue
+            row = train_head(recipe, arm, feats, args.steps, scratch)
+            append_jsonl(results, row)
+            rows.append(row)
+            print(f"{recipe} {row['arm']}: {cell(row)}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=os.environ.get("SOLO_DEEPFUSION_DATA"))
@@ -282,32 +300,24 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("benchmarks/scratch/stability"))
     parser.add_argument("--dry-run", action="store_true", help="2 steps of the first recipe")
     parser.add_argument(
+        "--report-only", action="store_true", help="rewrite the report from <out>; train nothing"
+    )
+    parser.add_argument(
         "--verdict",
         type=Path,
         help="markdown put under the report's title (default: <out>/verdict.md, if there)",
     )
     args = parser.parse_args()
-    if not args.data:
+    if not args.data and not args.report_only:
         parser.error("--data (or SOLO_DEEPFUSION_DATA): the CIFAR-10 folder")
     if args.dry_run:
         args.recipes, args.steps, args.out = args.recipes[:1], 2, args.work / "dry-run"
-    args.work.mkdir(parents=True, exist_ok=True)
-    scratch = args.work / "empty"
-    scratch.mkdir(exist_ok=True)
-    feats = cached_features(Path(args.data), args.work, args.per_class)
     results = args.out / "results.jsonl"
     rows = (
         [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
     )
-    done = {(r["recipe"], r["arm"], r["steps"]) for r in rows}
-    for recipe in args.recipes:
-        for arm in args.arms:
-            if (recipe, ProjectorSpec.parse(arm).label, args.steps) in done:
-                continue
-            row = train_head(recipe, arm, feats, args.steps, scratch)
-            append_jsonl(results, row)
-            rows.append(row)
-            print(f"{recipe} {row['arm']}: {cell(row)}", flush=True)
+    if not args.report_only:
+        run_missing(args, rows, results)
     rows = [r for r in rows if r["steps"] == args.steps]
     verdict = args.verdict or args.out / "verdict.md"
     text = report(rows, args.arms, args.recipes, verdict.read_text() if verdict.is_file() else "")
