@@ -56,6 +56,7 @@ ARMS = (
     "transformer:input_norm=batch,norm=pre",
     "transformer:norm=pre,output_norm=batch",
     "transformer:lr_scale=0.1,mask=positives,norm=pre,output_norm=batch",
+    "transformer:lr_scale=0.01,mask=positives,norm=pre",  # VICReg at a lower head lr
 )
 FEATURES_BACKBONE = "simclr-r18-cifar10-cpu"
 HEALTHY_ENTROPY, HEALTHY_COSINE = 0.5, 0.5
