@@ -37,6 +37,7 @@ from torchvision.datasets import ImageFolder
 from solo_deepfusion.atomic import write_text
 from solo_deepfusion.datasets import prepare_data
 from solo_deepfusion.heads.diagnostics import collapse_stats, output_cosine
+from solo_deepfusion.heads.transformer import NonFiniteOutputError
 from solo_deepfusion.hub import load_backbone
 from solo_deepfusion.jsonl import append_jsonl
 from solo_deepfusion.solo.bench.grid import ProjectorSpec
@@ -192,9 +193,7 @@ def train_head(recipe: str, arm: str, feats: torch.Tensor, steps: int, scratch: 
     diverged_at = None
     try:
         trainer.fit(model, loader)
-    except ValueError as err:  # the head checks its own output: training diverged
-        if "not finite" not in str(err):
-            raise
+    except NonFiniteOutputError:  # the head checks its own output: training diverged
         diverged_at = trainer.global_step
     seconds = time.monotonic() - began
     stats, healthy = {"entropy": [], "logit_std": [], "output_cosine": None}, False

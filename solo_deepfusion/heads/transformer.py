@@ -33,6 +33,11 @@ NORMS = ("post", "pre")
 ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
 
 
+class NonFiniteOutputError(ValueError):
+    """The head's output holds NaN or Inf although its input was finite: training diverged,
+    or the input's scale overflows the head's dtype."""
+
+
 @functools.lru_cache(maxsize=16)
 def attention_mask(
     mask: str,
@@ -286,7 +291,7 @@ class TransformerProjector(nn.Module):
             maps.append(weights)
         out = self.tail(self.output_norm(self.out_proj(self.final_norm(h))))
         if self.check_inputs and not torch.isfinite(out).all():
-            raise ValueError(
+            raise NonFiniteOutputError(
                 f"the head's output is not finite: inputs up to |x| = {x.abs().max().item():.3g} "
                 f"overflow {h.dtype} inside it; normalise or rescale the features"
             )

@@ -67,7 +67,7 @@ def head_tail(model: nn.Module) -> nn.Module:
     """What a ``<method>_transformer`` model applies to its head's output before the loss
     (MoCo v3's last BatchNorm; ``nn.Identity`` for most methods)."""
     fusion_head(model)  # the same error for a model without a transformer head
-    return model.get_submodule(model.context_projector).tail
+    return head_module(model).tail
 
 
 @contextmanager

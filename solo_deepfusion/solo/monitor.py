@@ -39,6 +39,7 @@ from solo_deepfusion.solo.measure import (
     backbone_features,
     evaluating,
     fusion_head,
+    head_module,
     head_tail,
     local_attention,
 )
@@ -290,9 +291,8 @@ class CollapseMonitor(pl.Callback):
         feats, num_views = self._captured
         self._captured = None
         head = fusion_head(pl_module)
-        tail = head_tail(pl_module)
-        with evaluating(head), evaluating(tail), local_attention(head):
-            stats = collapse_stats(head, feats, num_views=num_views, tail=tail)
+        with evaluating(head_module(pl_module)), local_attention(head):  # head and tail
+            stats = collapse_stats(head, feats, num_views=num_views, tail=head_tail(pl_module))
         self.last, self.last_step = stats, self._step
         if trainer.is_global_zero:  # straight to the loggers: self.log would repeat old values
             for logger in trainer.loggers:

@@ -19,6 +19,7 @@ from solo_deepfusion.heads import (
     build_projector,
 )
 from solo_deepfusion.heads.diagnostics import output_cosine
+from solo_deepfusion.heads.transformer import NonFiniteOutputError
 
 TINY = {"dim": 32, "depth": 2, "heads": 4, "ffn_dim": 64}
 
@@ -341,7 +342,9 @@ def test_a_low_precision_input_to_a_float32_head_names_both_dtypes(dtype):
 
 def test_finite_inputs_that_overflow_inside_the_head_are_an_error_not_nan():
     head = tiny_head()
-    with pytest.raises(ValueError, match=r"output is not finite: inputs up to \|x\| = 1e\+30"):
+    with pytest.raises(
+        NonFiniteOutputError, match=r"output is not finite: inputs up to \|x\| = 1e\+30"
+    ):
         head(torch.full((6, 24), 1e30))
     assert head(1e6 * torch.randn(6, 24)).isfinite().all()
 
