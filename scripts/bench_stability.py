@@ -5,15 +5,17 @@ each head, the method's own ``training_step`` trains the head alone on cached fe
 trained ResNet-18 (the zoo's ``simclr-r18-cifar10-cpu``), two augmented crops per image, at the
 recipe's peak lr (no warm-up, no decay) for ``--steps`` steps. Then the head's collapse
 diagnostics are measured on a held-out batch of those features: per-layer attention entropy,
-attention logit spread, and the mean cosine between different samples' outputs. The stock
-``mlp`` head is the reference for that cosine: some methods (BYOL) leave a shared direction in
-any head's outputs.
+attention logit spread, the mean cosine between different samples' outputs and the effective
+rank of those outputs (centred: a direction every output shares does not count). The stock
+``mlp`` head is the reference for both: some methods (BYOL) leave a shared direction in any
+head's outputs, and some losses (VICReg, Barlow Twins) cannot see one.
 
     python scripts/bench_stability.py --data <cifar10 folder>          # the table in minutes
     python scripts/bench_stability.py --data <cifar10 folder> --dry-run  # 2 steps, 1 recipe
     python scripts/bench_stability.py --report-only                      # the table, again
 
-Rows go to ``<out>/results.jsonl`` as they finish (a rerun skips finished rows) and the table
+Rows go to ``<out>/results.jsonl`` as they finish (a rerun skips finished rows; ``--redo``
+trains them again, and the newest row of a recipe and arm is the one reported) and the table
 to ``<out>/report.md``, under ``<out>/verdict.md`` when there is one. A head is ``healthy``
 when every layer's entropy is above 0.5 nats and the output cosine below 0.5.
 """
@@ -36,7 +38,7 @@ from torchvision.datasets import ImageFolder
 
 from solo_deepfusion.atomic import write_text
 from solo_deepfusion.datasets import prepare_data
-from solo_deepfusion.heads.diagnostics import collapse_stats, output_cosine
+from solo_deepfusion.heads.diagnostics import collapse_stats, output_cosine, output_rank
 from solo_deepfusion.heads.transformer import NonFiniteOutputError
 from solo_deepfusion.hub import load_backbone
 from solo_deepfusion.jsonl import append_jsonl
@@ -144,8 +146,13 @@ def head_stats(model: nn.Module, arm: str, tokens: torch.Tensor) -> dict:
     BatchNorm can spread outputs that had collapsed to one vector plus tiny noise."""
     with evaluating(model):
         if ProjectorSpec.parse(arm).name == "mlp":
-            cosine = output_cosine(model.projector(tokens), num_views=2)
-            return {"entropy": [], "logit_std": [], "output_cosine": cosine}
+            out = model.projector(tokens)
+            return {
+                "entropy": [],
+                "logit_std": [],
+                "output_cosine": output_cosine(out, num_views=2),
+                "output_rank": output_rank(out),
+            }
         head = fusion_head(model)
         raw = []
         hook = head.out_proj.register_forward_hook(lambda *args: raw.append(args[-1]))
@@ -157,6 +164,7 @@ def head_stats(model: nn.Module, arm: str, tokens: torch.Tensor) -> dict:
         "entropy": list(stats.entropy),
         "logit_std": list(stats.logit_std),
         "output_cosine": stats.output_cosine,
+        "output_rank": stats.output_rank,
         "head_output_cosine": output_cosine(raw[0], num_views=2),
     }
 
@@ -219,15 +227,17 @@ def train_head(recipe: str, arm: str, feats: torch.Tensor, steps: int, scratch: 
 
 
 def cell(row: dict) -> str:
-    """``min entropy / cosine before→after ✔`` (the ``mlp`` reference: ``– / cosine after``;
-    a head whose output stopped being finite: the step it did)."""
+    """``min entropy / cosine before→after · rank ✔`` (the ``mlp`` reference: ``– / cosine
+    after · rank``; a head whose output stopped being finite: the step it did). Rows from
+    before the rank was measured have none."""
     if row.get("diverged_at_step") is not None:
         return f"diverged (non-finite output) at step {row['diverged_at_step']} ✘"
+    rank = "" if row.get("output_rank") is None else f" · {row['output_rank']:.0f}"
     if not row["entropy"]:
-        return f"– / {row['output_cosine']:.2f}"
+        return f"– / {row['output_cosine']:.2f}{rank}"
     verdict = "✔" if row["healthy"] else "✘"
     cosine = f"{row['init_cosine']:.2f}→{row['output_cosine']:.2f}"
-    return f"{min(row['entropy']):.2f} / {cosine} {verdict}"
+    return f"{min(row['entropy']):.2f} / {cosine}{rank} {verdict}"
 
 
 def report(rows: list[dict], arms: list[str], recipes: list[str], verdict: str = "") -> str:
@@ -237,9 +247,10 @@ def report(rows: list[dict], arms: list[str], recipes: list[str], verdict: str =
         "",
         *([verdict.strip(), ""] if verdict.strip() else []),
         "Cell: min layer entropy (nats) after the run / output cosine (of what the loss sees: "
-        "after `output_norm` and the method's tail) before→after it; ✔ = every "
+        "after `output_norm` and the method's tail) before→after it · effective rank of those "
+        "outputs, centred (where measured); ✔ = every "
         f"layer above {HEALTHY_ENTROPY} nats and cosine below {HEALTHY_COSINE} after the run; "
-        "`mlp` (no attention) gives the reference cosine. "
+        "`mlp` (no attention) gives the reference cosine and rank. "
         "Command: `python scripts/bench_stability.py --data <cifar10>`.",
         "",
         "| recipe | optimizer, peak lr | " + " | ".join(f"`{a}`" for a in labels) + " |",
@@ -262,7 +273,7 @@ def report(rows: list[dict], arms: list[str], recipes: list[str], verdict: str =
         "`output_norm` and the method's tail, where recorded:",
         "",
     ]
-    for r in rows:
+    for r in found.values():
         if not r["entropy"]:
             continue
         entropies = ", ".join(f"{h:.2f}" for h in r["entropy"])
@@ -278,7 +289,7 @@ def run_missing(args: argparse.Namespace, rows: list[dict], results: Path) -> No
     scratch = args.work / "empty"
     scratch.mkdir(exist_ok=True)
     feats = cached_features(Path(args.data), args.work, args.per_class)
-    done = {(r["recipe"], r["arm"], r["steps"]) for r in rows}
+    done = set() if args.redo else {(r["recipe"], r["arm"], r["steps"]) for r in rows}
     for recipe in args.recipes:
         for arm in args.arms:
             if (recipe, ProjectorSpec.parse(arm).label, args.steps) in done:
@@ -295,6 +306,7 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES))
     parser.add_argument("--arms", nargs="+", default=list(ARMS))
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--redo", action="store_true", help="train finished rows again")
     parser.add_argument("--per-class", type=int, default=300, help="images per class")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/stability"))
     parser.add_argument("--work", type=Path, default=Path("benchmarks/scratch/stability"))

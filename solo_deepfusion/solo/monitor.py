@@ -236,10 +236,11 @@ class CollapseMonitor(pl.Callback):
     On every ``every_n_steps``-th training step, and on the last, the head's input (the step's
     backbone features, all views) is kept, and after the step the head is run once more on it,
     without gradients and with dropout off, to measure
-    :func:`~solo_deepfusion.heads.diagnostics.collapse_stats`, the output cosine after the
-    method's tail (what its loss sees): ``collapse/layer<k>/entropy``,
-    ``collapse/layer<k>/logit_std`` and ``collapse/output_cosine`` go to the run's loggers,
-    and the first time a threshold is crossed one warning says which. Attention spans this
+    :func:`~solo_deepfusion.heads.diagnostics.collapse_stats`, the output cosine and rank after
+    the method's tail (what its loss sees): ``collapse/layer<k>/entropy``,
+    ``collapse/layer<k>/logit_std``, ``collapse/output_cosine`` and ``collapse/output_rank``
+    go to the run's loggers, and the first time a threshold is crossed one warning says which
+    (the rank has no threshold). Attention spans this
     process's tokens (no all-gather).
     """
 

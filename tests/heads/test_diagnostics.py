@@ -1,4 +1,4 @@
-"""Collapse diagnostics of the transformer head (host-free): entropy, logit spread, cosine."""
+"""Collapse diagnostics of the transformer head (host-free): entropy, logit spread, cosine, rank."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from solo_deepfusion.heads.diagnostics import (
     MIN_ENTROPY,
     collapse_stats,
     output_cosine,
+    output_rank,
 )
 
 TINY = {"dim": 32, "depth": 2, "heads": 4, "ffn_dim": 64}
@@ -69,6 +70,7 @@ def test_identical_outputs_have_cosine_one_and_are_reported():
     nn.init.ones_(model.out_proj.bias)
     stats = collapse_stats(model, features(16), num_views=2)
     assert stats.output_cosine == pytest.approx(1.0)
+    assert stats.output_rank == 0.0
     assert f"(> {MAX_OUTPUT_COSINE})" in stats.warning()
     spread = collapse_stats(head(), features(16), num_views=2)
     assert abs(spread.output_cosine) < 0.5
@@ -98,6 +100,7 @@ def test_scalars_name_every_layer_and_the_head_is_left_as_it_was():
         "collapse/layer2/entropy",
         "collapse/layer2/logit_std",
         "collapse/output_cosine",
+        "collapse/output_rank",
     ]
     assert model.training and all(not m._forward_pre_hooks for m in model.modules())
 
@@ -108,3 +111,28 @@ def test_output_cosine_leaves_out_a_samples_other_views():
     assert output_cosine(views, num_views=2) == pytest.approx(0.0)
     # read as 8 distinct samples, the 8 view pairs (of 56 ordered pairs) count: 1/7
     assert output_cosine(views) == pytest.approx(8 / 56)
+
+
+def test_output_rank_counts_the_directions_of_the_spread_not_a_shared_one():
+    """``±e_1 .. ±e_k``: k equal directions of spread, whatever vector every output shares."""
+    k = 3
+    spread = torch.cat([torch.eye(8)[:k], -torch.eye(8)[:k]])
+    shared = spread + 10 * torch.eye(8)[7]
+    assert output_rank(spread) == pytest.approx(k)
+    assert output_rank(shared) == pytest.approx(k)
+    assert output_cosine(shared) > 0.9  # the cosine reads the shared direction as collapse
+    line = torch.linspace(-1, 1, 6)[:, None] * torch.ones(1, 8) + 5.0
+    assert output_rank(line) == pytest.approx(1.0)
+    unequal = torch.cat([spread[:, :k] * torch.tensor([1.0, 0.1, 0.1]), torch.zeros(2 * k, 5)], 1)
+    assert 1.0 < output_rank(unequal) < k
+
+
+def test_output_rank_is_that_of_the_tail_output():
+    model = head()
+    x = features(16)
+    tail = nn.Linear(16, 16, bias=False)
+    nn.init.zeros_(tail.weight)
+    tail.weight.data[0, 0] = 1.0  # keeps one coordinate of the head's output
+    stats = collapse_stats(model, x, num_views=2, tail=tail)
+    assert stats.output_rank == pytest.approx(1.0)
+    assert collapse_stats(model, x, num_views=2).output_rank > 2.0

@@ -467,8 +467,10 @@ def test_collapse_monitor_measures_the_heads_own_input_every_n_steps(tmp_path, m
     assert isinstance(tail, nn.BatchNorm1d) == (method == "mocov3_transformer")
     assert monitor.last == collapse_stats(head, feats, num_views=2, tail=tail)
     rows = list(csv.DictReader(metrics.open()))
-    logged = [r["step"] for r in rows if r.get("collapse/layer2/logit_std")]
-    assert logged == ["0", "2"]
+    for key in ("collapse/layer2/logit_std", "collapse/output_rank"):
+        assert [r["step"] for r in rows if r.get(key)] == ["0", "2"], key
+    last = [float(r["collapse/output_rank"]) for r in rows if r.get("collapse/output_rank")][-1]
+    assert last == pytest.approx(monitor.last.output_rank)
     assert not monitor.warned and monitor.last.warning() is None
 
 
