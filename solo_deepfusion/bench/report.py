@@ -58,9 +58,12 @@ METRIC_NAMES = {
     "fusion_ratio_last": "fusion ratio (last)",
     "collapse_min_entropy": "min attn entropy (nats)",
     "collapse_output_cosine": "output cosine",
+    "collapse_output_rank": "output rank",
 }
 # Metrics that are not accuracies (shown as they are, not as percentages).
-DIAGNOSTICS = frozenset({"fusion_ratio_last", "collapse_min_entropy", "collapse_output_cosine"})
+DIAGNOSTICS = frozenset(
+    {"fusion_ratio_last", "collapse_min_entropy", "collapse_output_cosine", "collapse_output_rank"}
+)
 PLOT_PREFERENCE = (
     "feature_linear_acc1",
     "offline_linear_acc1",

@@ -538,6 +538,7 @@ def test_one_real_cell_through_the_launcher(bench, cifar_tiny, tmp_path, capsys)
     assert run["collapse"]["step"] == 1 and len(run["collapse"]["entropy"]) == 4
     assert metrics["collapse_min_entropy"] == min(run["collapse"]["entropy"]) > 0
     assert -1 <= metrics["collapse_output_cosine"] == run["collapse"]["output_cosine"] <= 1
+    assert 0 <= metrics["collapse_output_rank"] == run["collapse"]["output_rank"] <= 15  # T - 1
     assert (cost["head_tokens"], cost["head_context"], cost["steps"]) == (16, "joint", 2)
     assert cost["head_params"] > 0 and cost["head_flops"] > 0
     assert cost["time_per_epoch_s"] > 0 and cost["peak_rss_bytes"] > 2**20

@@ -121,6 +121,7 @@ def execute_job(job: Job) -> dict[str, Any]:
     if collapse is not None and collapse.last is not None:
         metrics["collapse_min_entropy"] = min(collapse.last.entropy, default=None)
         metrics["collapse_output_cosine"] = collapse.last.output_cosine
+        metrics["collapse_output_rank"] = collapse.last.output_rank
     return json_safe(
         {
             "schema": SCHEMA,
