@@ -16,7 +16,8 @@
 # Runs use one CPU thread at low priority; SOLO_DEEPFUSION_DATA names the CIFAR-10 folder.
 # STUDY_SEEDS="3 4 5" runs a phase on those seeds only, so two shells (each with its own
 # SOLO_DEEPFUSION_STUDY_WORK) can share a phase's seeds on a 2-core machine; the results file,
-# appended one whole line per cell, is shared.
+# appended one whole line per cell, is shared. STUDY_TIME_BUDGET=SECONDS starts no cell that would
+# not finish within that many seconds of the start (judged by the longest cell so far).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
@@ -30,6 +31,7 @@ common=(
   --overrides data.num_workers=1 data.fraction=-1
   --linear-epochs 1 --linear-overrides data.num_workers=1 data.fraction=-1 optimizer.batch_size=128
   --eval-batch-sizes 16 64 --eval-workers 1 --work "$work"
+  ${STUDY_TIME_BUDGET:+--time-budget "$STUDY_TIME_BUDGET"}
 )
 screen_arms=(
   transformer                                  # the head as shipped: `paper`, post-norm
