@@ -4,6 +4,7 @@ from solo_deepfusion.heads.cost import count_flops, count_parameters, forward_fl
 from solo_deepfusion.heads.distributed import gather_tokens
 from solo_deepfusion.heads.mlp import SOLO_MLP_LAYOUTS, MLPLayout, MLPProjector, solo_mlp
 from solo_deepfusion.heads.registry import (
+    DEFAULT_PRESET,
     PRESETS,
     TransformerHeadConfig,
     build_projector,
@@ -22,6 +23,7 @@ from solo_deepfusion.heads.transformer import (
 
 __all__ = [
     "CONTEXTS",
+    "DEFAULT_PRESET",
     "MASKS",
     "NORMS",
     "PRESETS",

@@ -65,14 +65,20 @@ class TransformerHeadConfig:
 
 
 PRESETS: dict[str, TransformerHeadConfig] = {
+    # The default: the authors' size, made to train under solo-learn's LARS recipes. Post-norm
+    # saturates its first layer and collapses; pre-norm does not, and masking a sample's own
+    # other views was the screen's best (benchmarks/stability, benchmarks/screen).
+    "stable": TransformerHeadConfig(norm="pre", mask="positives"),
     # The authors' TransFusionModel defaults (paper-notes §1.2).
     "paper": TransformerHeadConfig(),
     # Cheap enough for CPU runs; 4 layers still show how attention changes with depth.
     "small": TransformerHeadConfig(dim=128, depth=4, heads=4, ffn_dim=512),
 }
+# A checkpoint records its preset by name, so a preset, once published, never changes.
+DEFAULT_PRESET = "stable"
 
 
-def transformer_config(preset: str = "paper", **overrides: Any) -> TransformerHeadConfig:
+def transformer_config(preset: str = DEFAULT_PRESET, **overrides: Any) -> TransformerHeadConfig:
     """The ``preset`` with ``overrides`` applied; ``None`` values keep the preset's value."""
     check_choice("preset", preset, tuple(PRESETS))
     fields = {f.name for f in dataclasses.fields(TransformerHeadConfig)}
@@ -131,7 +137,7 @@ def _optional(config: type) -> list[tuple[str, Any, Any]]:
 # twin the same plus its depth; the host-free `mlp` builder the solo-learn layout it copies.
 TransformerFields = dataclasses.make_dataclass(
     "TransformerFields",
-    [("preset", str, dataclasses.field(default="paper")), *_optional(TransformerHeadConfig)],
+    [("preset", str, dataclasses.field(default=DEFAULT_PRESET)), *_optional(TransformerHeadConfig)],
     frozen=True,
 )
 MLPMatchedFields = dataclasses.make_dataclass(
@@ -158,7 +164,7 @@ def transformer(
     hidden_dim: int,
     out_dim: int,
     *,
-    preset: str = "paper",
+    preset: str = DEFAULT_PRESET,
     tail: nn.Module | None = None,
     **fields: Any,
 ) -> TransformerProjector:
@@ -187,7 +193,7 @@ def mlp_matched(
     num_layers: int = 3,
     batch_norm: bool = True,
     activation: str = "relu",
-    preset: str = "paper",
+    preset: str = DEFAULT_PRESET,
     **fields: Any,
 ) -> MLPProjector:
     """An MLP with as many parameters as ``transformer(preset, **fields)`` (within 5%).

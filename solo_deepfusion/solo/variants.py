@@ -47,8 +47,12 @@ OPTIMIZER_KEYS = tuple(f.name for f in dataclasses.fields(HeadOptimizer))
 NON_HEAD_KEYS = ("small_crops", *MONITOR_KEYS, *OPTIMIZER_KEYS)
 # A variant's projector config: its registered fields and the variant's keys, with defaults.
 PROJECTOR_KEYS = {p: ("name", *projector_entry(p).fields, *NON_HEAD_KEYS) for p in PROJECTORS[1:]}
+# The transformer head trains at a tenth of its stock group's lr: at the full lr of solo-learn's
+# LARS recipes, pre-norm heads diverge under Barlow Twins and VICReg (benchmarks/stability).
+HEAD_OPTIMIZER_DEFAULTS = {"transformer": {"lr_scale": 0.1}}
 PROJECTOR_DEFAULTS = {
-    p: {**projector_entry(p).defaults, "small_crops": False} for p in PROJECTORS[1:]
+    p: {**projector_entry(p).defaults, **HEAD_OPTIMIZER_DEFAULTS.get(p, {}), "small_crops": False}
+    for p in PROJECTORS[1:]
 }
 
 

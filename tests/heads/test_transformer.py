@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import socket
@@ -13,8 +14,10 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from solo_deepfusion.heads import (
+    DEFAULT_PRESET,
     MASKS,
     PRESETS,
+    TransformerHeadConfig,
     TransformerProjector,
     build_projector,
 )
@@ -160,15 +163,31 @@ def test_presets_build_the_documented_shapes(preset):
     assert head(torch.randn(8, 512), num_views=2).shape == (8, 256)
 
 
-def test_paper_preset_is_the_authors_setting():
-    paper = PRESETS["paper"]
-    assert (paper.dim, paper.depth, paper.heads, paper.ffn_dim) == (256, 10, 16, 1024)
-    assert (paper.norm, paper.activation, paper.context, paper.mask) == (
-        "post",
-        "gelu",
-        "joint",
-        "none",
-    )
+# Checkpoints name their preset, so a published preset's fields may never change.
+PUBLISHED_PRESETS = {
+    # the authors' setting
+    "paper": {"dim": 256, "depth": 10, "heads": 16, "ffn_dim": 1024, "norm": "post"},
+    "small": {"dim": 128, "depth": 4, "heads": 4, "ffn_dim": 512, "norm": "post"},
+    "stable": {"dim": 256, "depth": 10, "heads": 16, "ffn_dim": 1024, "norm": "pre"},
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PUBLISHED_PRESETS))
+def test_published_presets_never_change(preset):
+    expected = {
+        **dataclasses.asdict(TransformerHeadConfig()),
+        "mask": "positives" if preset == "stable" else "none",
+        **PUBLISHED_PRESETS[preset],
+    }
+    assert dataclasses.asdict(PRESETS[preset]) == expected
+    assert expected["activation"] == "gelu" and expected["context"] == "joint"
+
+
+def test_the_default_head_is_the_stable_preset():
+    assert DEFAULT_PRESET == "stable"
+    head = build_projector("transformer", 512, 2048, 256)
+    assert [b.pre_norm for b in head.blocks] == [True] * 10
+    assert head.mask == "positives"
 
 
 @pytest.mark.parametrize("mask", MASKS)

@@ -83,12 +83,20 @@ def test_head_group_follows_the_schedule_at_its_scale(method):
                 assert lr == pytest.approx(base * scale[stock_name], rel=1e-9), name
 
 
-def test_default_options_keep_the_stock_groups():
-    model = build_model(method_cfg("dino_transformer", **SMALL))
+def test_the_transformer_head_defaults_to_a_tenth_of_its_groups_lr():
+    """``transformer`` moves its head to a group at 0.1 x lr by default; ``lr_scale=1`` and the
+    ``mlp_matched`` twin keep the stock groups as they are."""
     stock = build_model(method_cfg("dino"))
-    names = [g.get("name") for g in model.learnable_params]
-    assert names == [g.get("name") for g in stock.learnable_params]
-    assert HEAD_GROUP not in names
+    stock_names = [g.get("name") for g in stock.learnable_params]
+    default = build_model(method_cfg("dino_transformer", **SMALL))
+    assert default.cfg.projector.lr_scale == 0.1
+    head_group = next(g for g in default.learnable_params if g.get("name") == HEAD_GROUP)
+    assert head_group["lr"] == pytest.approx(0.1 * default.lr)
+    for model in (
+        build_model(method_cfg("dino_transformer", **SMALL, lr_scale=1.0)),
+        build_model(method_cfg("dino_mlp_matched", preset="small")),
+    ):
+        assert [g.get("name") for g in model.learnable_params] == stock_names
 
 
 def test_lars_off_gives_the_head_a_plain_momentum_sgd_step():
