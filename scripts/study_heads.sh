@@ -33,13 +33,13 @@ common=(
   --eval-batch-sizes 16 64 --eval-workers 1 --work "$work"
   ${STUDY_TIME_BUDGET:+--time-budget "$STUDY_TIME_BUDGET"}
 )
-screen_arms=(
-  transformer                                  # the head as shipped: `paper`, post-norm
-  transformer:norm=pre
-  transformer:input_norm=true                  # post-norm + LayerNorm after in_proj
-  transformer:lr_scale=0.1,norm=pre
-  transformer:norm=pre,qk_norm=true
-  transformer:lr_scale=0.1,mask=positives,norm=pre   # the best after seeds 0-1, + mask=positives
+screen_arms=(  # spelled out in full: `transformer` alone is the default (`stable`, lr_scale 0.1)
+  transformer:lr_scale=1,preset=paper                 # the head as first shipped: post-norm
+  transformer:lr_scale=1,norm=pre,preset=paper
+  transformer:input_norm=true,lr_scale=1,preset=paper # post-norm + LayerNorm after in_proj
+  transformer:lr_scale=0.1,norm=pre,preset=paper
+  transformer:lr_scale=1,norm=pre,preset=paper,qk_norm=true
+  transformer:lr_scale=0.1,mask=positives,norm=pre,preset=paper  # the best after seeds 0-1, + mask
 )
 # The confirm's size: 5,000 images x 10 epochs is 4x the screen's images x epochs. One step (batch
 # 128, 256 crops of 32 px) takes ~5 s on one core of the 2-core CPU machine, so a cell is ~35 min
