@@ -48,18 +48,19 @@ from solo_deepfusion.solo.measure import evaluating, fusion_head, head_tail
 from solo_deepfusion.solo.model import build_model
 
 RECIPES = ("simclr", "byol", "mocov3", "barlow", "vicreg", "swav")
-ARMS = (
+ARMS = (  # spelled out in full: `transformer` alone is whatever the default preset is now
     "mlp",  # the recipe's own head: the reference output cosine
-    "transformer",  # the `paper` preset, post-norm: the head as first shipped
-    "transformer:norm=pre",
-    "transformer:input_norm=true",
-    "transformer:norm=pre,qk_norm=true",
-    "transformer:lr_scale=0.1,norm=pre",  # the confirm's two arms (benchmarks/screen/verdict.md)
-    "transformer:lr_scale=0.1,mask=positives,norm=pre",
-    "transformer:input_norm=batch,norm=pre",
-    "transformer:norm=pre,output_norm=batch",
-    "transformer:lr_scale=0.1,mask=positives,norm=pre,output_norm=batch",
-    "transformer:lr_scale=0.01,mask=positives,norm=pre",  # VICReg at a lower head lr
+    "transformer:lr_scale=1,preset=paper",  # the head as first shipped: post-norm
+    "transformer:lr_scale=1,norm=pre,preset=paper",
+    "transformer:input_norm=true,lr_scale=1,preset=paper",
+    "transformer:lr_scale=1,norm=pre,preset=paper,qk_norm=true",
+    "transformer:lr_scale=0.1,norm=pre,preset=paper",
+    # = the default since 2026-12-03 (`stable` preset, lr_scale 0.1)
+    "transformer:lr_scale=0.1,mask=positives,norm=pre,preset=paper",
+    "transformer:input_norm=batch,lr_scale=1,norm=pre,preset=paper",
+    "transformer:lr_scale=1,norm=pre,output_norm=batch,preset=paper",
+    "transformer:lr_scale=0.1,mask=positives,norm=pre,output_norm=batch,preset=paper",
+    "transformer:lr_scale=0.01,mask=positives,norm=pre,preset=paper",  # VICReg, lower head lr
 )
 FEATURES_BACKBONE = "simclr-r18-cifar10-cpu"
 HEALTHY_ENTROPY, HEALTHY_COSINE = 0.5, 0.5
@@ -240,8 +241,16 @@ def cell(row: dict) -> str:
     return f"{min(row['entropy']):.2f} / {cosine}{rank} {verdict}"
 
 
-def report(rows: list[dict], arms: list[str], recipes: list[str], verdict: str = "") -> str:
-    labels = [ProjectorSpec.parse(a).label for a in arms]
+def report(rows: list[dict], recipes: list[str], verdict: str = "") -> str:
+    """One line per arm (:data:`ARMS` first, then any other arm with rows), one column per
+    recipe with rows; the per-layer entropies under it."""
+    found = {(r["recipe"], r["arm"]): r for r in rows}
+    labels = list(
+        dict.fromkeys([*(ProjectorSpec.parse(a).label for a in ARMS), *(r["arm"] for r in rows)])
+    )
+    labels = [a for a in labels if any(arm == a for _, arm in found)]
+    recipes = [r for r in recipes if any(recipe == r for recipe, _ in found)]
+    optimizers = {r["recipe"]: f"{r['optimizer']} {r['lr']:g}" for r in rows}
     lines = [
         "# Head stability under solo-learn's CIFAR optimizers (head only, peak lr)",
         "",
@@ -250,23 +259,15 @@ def report(rows: list[dict], arms: list[str], recipes: list[str], verdict: str =
         "after `output_norm` and the method's tail) before→after it · effective rank of those "
         "outputs, centred (where measured); ✔ = every "
         f"layer above {HEALTHY_ENTROPY} nats and cosine below {HEALTHY_COSINE} after the run; "
-        "`mlp` (no attention) gives the reference cosine and rank. "
-        "Command: `python scripts/bench_stability.py --data <cifar10>`.",
+        "`mlp` (no attention) gives the reference cosine and rank. Column heads: the recipe, "
+        "its optimizer and peak lr. Command: `python scripts/bench_stability.py --data <cifar10>`.",
         "",
-        "| recipe | optimizer, peak lr | " + " | ".join(f"`{a}`" for a in labels) + " |",
-        "|---|---|" + "---|" * len(labels),
+        "| arm | " + " | ".join(f"{r} ({optimizers[r]})" for r in recipes) + " |",
+        "|---|" + "---|" * len(recipes),
     ]
-    found = {(r["recipe"], r["arm"]): r for r in rows}
-    for recipe in recipes:
-        some = next((r for r in rows if r["recipe"] == recipe), None)
-        if some is None:
-            continue
-        cells = []
-        for label in labels:
-            r = found.get((recipe, label))
-            cells.append("–" if r is None else cell(r))
-        optimizer = f"{some['optimizer']} {some['lr']:g}"
-        lines.append(f"| {recipe} | {optimizer} | " + " | ".join(cells) + " |")
+    for label in labels:
+        cells = ["–" if (r, label) not in found else cell(found[r, label]) for r in recipes]
+        lines.append(f"| `{label}` | " + " | ".join(cells) + " |")
     lines += [
         "",
         "Per-layer entropies (nats); the cosine of `out_proj`'s output, before "
@@ -332,7 +333,7 @@ def main() -> None:
         run_missing(args, rows, results)
     rows = [r for r in rows if r["steps"] == args.steps]
     verdict = args.verdict or args.out / "verdict.md"
-    text = report(rows, args.arms, args.recipes, verdict.read_text() if verdict.is_file() else "")
+    text = report(rows, args.recipes, verdict.read_text() if verdict.is_file() else "")
     write_text(args.out / "report.md", text)
     print(text)
 
