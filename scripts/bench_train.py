@@ -5,7 +5,8 @@ Rows (same recipe, batch, backbone and data):
 - ``stock simclr``: solo-learn's own ``SimCLR`` class in a plain Lightning ``Trainer``
   (no plugin code on the path);
 - ``--projector mlp``: ``solo-deepfusion pretrain`` with the stock head (the plugin's tax);
-- ``--projector transformer`` with the ``paper`` and ``small`` presets.
+- ``--projector transformer`` with the ``paper`` and ``small`` presets (at ``lr_scale=1``, as
+  first measured; the default ``stable`` preset has ``paper``'s size).
 
 Only the compute of a step is timed (``on_train_batch_start`` -> ``on_train_batch_end``: forward,
 backward, optimizer, EMA), after warm-up steps, so the data loader does not blur the comparison.
@@ -117,11 +118,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = [
         ("stock simclr (solo-learn class)", stock_simclr, ["--projector", "mlp"]),
         ("--projector mlp", through_launcher, ["--projector", "mlp"]),
-        ("--projector transformer (paper)", through_launcher, ["--projector", "transformer"]),
+        (
+            "--projector transformer (paper)",
+            through_launcher,
+            ["--projector", "transformer", "projector.preset=paper", "projector.lr_scale=1"],
+        ),
         (
             "--projector transformer (small)",
             through_launcher,
-            ["--projector", "transformer", "projector.preset=small"],
+            ["--projector", "transformer", "projector.preset=small", "projector.lr_scale=1"],
         ),
     ]
     results = []

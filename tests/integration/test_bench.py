@@ -246,13 +246,21 @@ def spec(bench, text):
 def test_projector_specs(bench):
     a = spec(bench, "transformer:preset=small,mask=positives")
     assert a == spec(bench, "transformer: mask=positives, preset=small")
-    assert a.label == "transformer:mask=positives,preset=small"
+    assert a.label == "transformer:lr_scale=0.1,mask=positives,preset=small"
     assert a.overrides() == [
         "--projector",
         "transformer",
+        "projector.lr_scale=0.1",
         "projector.mask=positives",
         "projector.preset=small",
     ]
+    # a label spells out the defaults in force, so a record keeps its meaning when they change
+    assert spec(bench, "transformer").label == "transformer:lr_scale=0.1,preset=stable"
+    assert spec(bench, "mlp_matched").label == "mlp_matched:lr_scale=1,preset=stable"
+    assert spec(bench, "transformer:lr_scale=1,preset=paper").label == (
+        "transformer:lr_scale=1,preset=paper"
+    )
+    assert spec(bench, "mlp").label == "mlp"
     for bad in ("mlp:preset=small", "transformer:size=3", "convnet", "transformer:depth"):
         with pytest.raises(bench.UsageError):
             spec(bench, bad)
@@ -266,12 +274,12 @@ def test_cell_id_is_a_stable_hash_of_the_config(bench, study):
         return bench.Cell(study, "simclr", spec(bench, projector), seed, ablation)
 
     # Fixed by sha256 of the canonical JSON key: the same in every process and Python version.
-    assert cell().cell_id == "7f1f60d02c5e985c"
+    assert cell().cell_id == "a0387393c7d33094"
     assert cell(projector="transformer:depth=2,preset=small").cell_id == cell().cell_id
     others = {cell(seed=1), cell(projector="transformer:preset=small"), cell(temperature=0.2)}
     assert cell().cell_id not in {c.cell_id for c in others}
     study.epochs = 7  # the budget is part of the id
-    assert cell().cell_id != "7f1f60d02c5e985c"
+    assert cell().cell_id != "a0387393c7d33094"
 
 
 @requires_host
@@ -491,7 +499,7 @@ def test_cli_dry_run_and_usage_errors(bench, tmp_path, capsys):
     argv = [*base, "--methods", "simclr", "byol", "--seeds", "0", "1", "--dry-run"]
     assert bench.main([*argv, "--projectors", "mlp", "transformer:preset=small"]) == 0
     out = capsys.readouterr().out
-    assert "8 cells, 8 to run" in out and "byol transformer:preset=small seed=1" in out
+    assert "8 cells, 8 to run" in out and "byol transformer:lr_scale=0.1,preset=small seed=1" in out
     assert not results.exists() and not work.exists()
 
     bad = (
@@ -526,7 +534,7 @@ def test_one_real_cell_through_the_launcher(bench, cifar_tiny, tmp_path, capsys)
     assert "collapse_min_entropy" not in mlp["metrics"] and mlp["run"]["collapse"] is None
     # the same images in the same order, whatever the head's initialisation drew
     assert mlp["run"]["data_order_sha256"] == rec["run"]["data_order_sha256"]
-    assert rec["status"] == "ok" and rec["projector"] == "transformer:preset=small"
+    assert rec["status"] == "ok" and rec["projector"] == "transformer:lr_scale=0.1,preset=small"
     assert rec["isolation"] == "subprocess"
     metrics, cost, run = rec["metrics"], rec["cost"], rec["run"]
     for name in ("online_linear_acc1", "offline_linear_acc1", "feature_linear_acc1",

@@ -19,7 +19,8 @@ from typing import Any
 from solo_deepfusion.bench import BASELINE
 from solo_deepfusion.errors import UsageError
 from solo_deepfusion.solo.analysis import EVAL_BATCH_SIZES
-from solo_deepfusion.solo.variants import PROJECTOR_KEYS, PROJECTORS
+from solo_deepfusion.solo.param_groups import HeadOptimizer
+from solo_deepfusion.solo.variants import PROJECTOR_DEFAULTS, PROJECTOR_KEYS, PROJECTORS
 
 PROJECTOR_NAMES = PROJECTORS  # the registry's heads, `mlp` (the stock method) first
 # Methods whose loss reads `method_kwargs.temperature` (solo-learn 1.0.6; a test checks the
@@ -34,6 +35,9 @@ AXES: dict[str, str] = {
     "weight_decay": "optimizer.weight_decay",
     "depth": "projector.depth",
 }
+# Fields a label always spells out, default or not, so that a record keeps its meaning when the
+# package's defaults change (0.2.0 changed both for `transformer`).
+SPELLED_OUT = ("preset", "lr_scale")
 KNN_K = (20, 200)
 KNN_TEMPERATURE = 0.07
 FUSION_SAMPLES = 256
@@ -52,7 +56,8 @@ class ProjectorSpec:
 
     @classmethod
     def parse(cls, text: str) -> ProjectorSpec:
-        """``transformer:preset=small,mask=positives`` -> name and (sorted) fields."""
+        """``transformer:preset=small,mask=positives`` -> name and (sorted) fields, with
+        :data:`SPELLED_OUT` filled in from the current defaults where not given."""
         name, _, rest = text.strip().partition(":")
         if name not in PROJECTOR_NAMES:
             raise UsageError(
@@ -74,6 +79,9 @@ class ProjectorSpec:
             raise UsageError(
                 f"{text!r}: unknown field(s) {unknown}; {name} takes {sorted(allowed)}"
             )
+        if name != BASELINE:
+            for key, value in spelled_out_defaults(name).items():
+                fields.setdefault(key, value)
         return cls(name, tuple(sorted(fields.items())))
 
     @property
@@ -89,6 +97,15 @@ class ProjectorSpec:
     def overrides(self) -> list[str]:
         """Launcher arguments selecting this head."""
         return ["--projector", self.name, *(f"projector.{k}={v}" for k, v in self.fields)]
+
+
+def spelled_out_defaults(projector: str) -> dict[str, str]:
+    """The current defaults of :data:`SPELLED_OUT` for ``projector``, as label text."""
+    defaults = {"lr_scale": HeadOptimizer().lr_scale, **PROJECTOR_DEFAULTS[projector]}
+    return {
+        key: f"{defaults[key]:g}" if isinstance(defaults[key], float) else str(defaults[key])
+        for key in SPELLED_OUT
+    }
 
 
 def axis_applies(axis: str, method: str, projector: ProjectorSpec) -> bool:
