@@ -245,10 +245,11 @@ def report(rows: list[dict], recipes: list[str], verdict: str = "") -> str:
     """One line per arm (:data:`ARMS` first, then any other arm with rows), one column per
     recipe with rows; the per-layer entropies under it."""
     found = {(r["recipe"], r["arm"]): r for r in rows}
-    labels = list(
-        dict.fromkeys([*(ProjectorSpec.parse(a).label for a in ARMS), *(r["arm"] for r in rows)])
+    measured = {arm for _, arm in found}
+    ordered = dict.fromkeys(
+        [*(ProjectorSpec.parse(a).label for a in ARMS), *(r["arm"] for r in rows)]
     )
-    labels = [a for a in labels if any(arm == a for _, arm in found)]
+    labels = [a for a in ordered if a in measured]
     recipes = [r for r in recipes if any(recipe == r for recipe, _ in found)]
     optimizers = {r["recipe"]: f"{r['optimizer']} {r['lr']:g}" for r in rows}
     lines = [
