@@ -6,7 +6,7 @@ Rows (same recipe, batch, backbone and data):
   (no plugin code on the path);
 - ``--projector mlp``: ``solo-deepfusion pretrain`` with the stock head (the plugin's tax);
 - ``--projector transformer`` with the ``paper`` and ``small`` presets (at ``lr_scale=1``, as
-  first measured; the default ``stable`` preset has ``paper``'s size).
+  first measured; the default ``stable_bn`` preset has ``paper``'s size).
 
 Only the compute of a step is timed (``on_train_batch_start`` -> ``on_train_batch_end``: forward,
 backward, optimizer, EMA), after warm-up steps, so the data loader does not blur the comparison.

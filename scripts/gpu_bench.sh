@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU slice of the head-vs-head benchmark (solo-deepfusion bench), sized for one H200 with
 # no network: SimCLR on all of CIFAR-10 (50k images, 32 px), mlp vs transformer (the default
-# `stable` preset) vs mlp_matched (the transformer's parameter count), paired seeds,
+# `stable_bn` preset) vs mlp_matched (the transformer's parameter count), paired seeds,
 # bf16-mixed, DALI on the GPU.
 # Cells run seed-major and stop starting once BUDGET_S is spent, so what finishes is whole
 # pairs; a second call resumes (same WORK and results file).

@@ -33,7 +33,7 @@ common=(
   --eval-batch-sizes 16 64 --eval-workers 1 --work "$work"
   ${STUDY_TIME_BUDGET:+--time-budget "$STUDY_TIME_BUDGET"}
 )
-screen_arms=(  # spelled out in full: `transformer` alone is the default (`stable`, lr_scale 0.1)
+screen_arms=(  # spelled out in full: `transformer` alone is the default (`stable_bn`, lr_scale 0.1)
   transformer:lr_scale=1,preset=paper                 # the head as first shipped: post-norm
   transformer:lr_scale=1,norm=pre,preset=paper
   transformer:input_norm=true,lr_scale=1,preset=paper # post-norm + LayerNorm after in_proj

@@ -18,7 +18,9 @@ from solo_deepfusion.solo.variants import (  # noqa: E402
     HEAD_METHODS,
     PROJECTORS,
     base_method,
+    default_preset,
     make_variant,
+    projector_config,
     projector_group_node,
     variant_name,
 )
@@ -44,4 +46,12 @@ def register() -> list[str]:
 
 register()
 
-__all__ = ["HEAD_METHODS", "PROJECTORS", "base_method", "register", "variant_name"]
+__all__ = [
+    "HEAD_METHODS",
+    "PROJECTORS",
+    "base_method",
+    "default_preset",
+    "projector_config",
+    "register",
+    "variant_name",
+]

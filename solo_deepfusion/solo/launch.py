@@ -30,7 +30,7 @@ from solo.utils.misc import make_contiguous, omegaconf_select
 
 from solo_deepfusion.cli import exit_status
 from solo_deepfusion.errors import UsageError
-from solo_deepfusion.solo import base_method, register, variant_name
+from solo_deepfusion.solo import base_method, projector_config, register, variant_name
 from solo_deepfusion.solo.data import (
     check_data_paths,
     pretrain_loader,
@@ -81,6 +81,11 @@ def select_variant(cfg: DictConfig) -> DictConfig:
             raise UsageError(f"method {base!r} has no projection head to replace with {name!r}")
         stock = sorted(m for m in METHODS if base_method(m) == m)
         raise UsageError(f"unknown method {base!r}; choose from: {', '.join(stock)}")
+    if name != "mlp":  # the defaults in force, the method's preset among them, spelled out
+        try:
+            projector_config(cfg, name)
+        except ValueError as err:
+            raise UsageError(str(err)) from err
     return cfg
 
 

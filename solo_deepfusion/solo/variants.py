@@ -22,6 +22,7 @@ from solo.utils.momentum import initialize_momentum_params
 from torch import nn
 
 from solo_deepfusion.heads import (
+    DEFAULT_PRESET,
     SOLO_MLP_LAYOUTS,
     build_projector,
     list_projectors,
@@ -50,10 +51,19 @@ PROJECTOR_KEYS = {p: ("name", *projector_entry(p).fields, *NON_HEAD_KEYS) for p 
 # The transformer head trains at a tenth of its stock group's lr: at the full lr of solo-learn's
 # LARS recipes, pre-norm heads diverge under Barlow Twins and VICReg (benchmarks/stability).
 HEAD_OPTIMIZER_DEFAULTS = {"transformer": {"lr_scale": 0.1}}
+# The preset is the stock method's (`default_preset`), so it is no projector-wide default.
 PROJECTOR_DEFAULTS = {
-    p: {**projector_entry(p).defaults, **HEAD_OPTIMIZER_DEFAULTS.get(p, {}), "small_crops": False}
+    p: {
+        **{k: v for k, v in projector_entry(p).defaults.items() if k != "preset"},
+        **HEAD_OPTIMIZER_DEFAULTS.get(p, {}),
+        "small_crops": False,
+    }
     for p in PROJECTORS[1:]
 }
+# Methods whose heads default to another preset than DEFAULT_PRESET. VICReg's variance term
+# reads the head's output: an output BatchNorm meets it by construction, and behind it the head
+# collapses (out_proj cosine 0.99999; benchmarks/stability).
+METHOD_PRESETS = {"vicreg": "stable"}
 
 
 def projector_group_node(projector: str) -> dict[str, Any]:
@@ -84,6 +94,11 @@ def base_method(name: str) -> str:
     return name
 
 
+def default_preset(method: str) -> str:
+    """The preset of a head (and of its MLP twin) under ``method``, a stock or variant name."""
+    return METHOD_PRESETS.get(base_method(method), DEFAULT_PRESET)
+
+
 def projector_config(cfg: DictConfig, projector: str) -> DictConfig:
     """Fill ``cfg.projector`` for ``projector`` with defaults and reject unknown fields."""
     with open_dict(cfg):
@@ -96,6 +111,8 @@ def projector_config(cfg: DictConfig, projector: str) -> DictConfig:
                 f"use projector.name={projector!r} or the stock method"
             )
         pcfg.name = projector
+        if "preset" in PROJECTOR_KEYS[projector] and pcfg.get("preset") is None:
+            pcfg.preset = default_preset(cfg.method)
         for key, value in PROJECTOR_DEFAULTS[projector].items():
             if pcfg.get(key) is None:
                 pcfg[key] = value

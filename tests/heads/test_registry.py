@@ -28,7 +28,7 @@ def test_registry_lists_builtins_and_rejects_unknown_names():
 def test_preset_fields_are_overridable_and_validated():
     config = transformer_config("small", depth=6, mask="positives", heads=None)
     assert (config.depth, config.mask, config.heads) == (6, "positives", PRESETS["small"].heads)
-    with pytest.raises(ValueError, match=r"preset='huge'.*\['paper', 'small', 'stable'\]"):
+    with pytest.raises(ValueError, match=r"preset='huge'.*'small', 'stable', 'stable_bn'"):
         transformer_config("huge")
     with pytest.raises(ValueError, match=r"unknown transformer field\(s\) \['layers'\]"):
         build_projector("transformer", 8, 8, 8, layers=3)

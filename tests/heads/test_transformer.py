@@ -179,6 +179,8 @@ PUBLISHED_PRESETS = {
     "small": {**_SHARED, "dim": 128, "depth": 4, "heads": 4, "ffn_dim": 512, "norm": "post",
               "mask": "none"},
     "stable": {**_SHARED, **PAPER_SIZE, "norm": "pre", "mask": "positives"},
+    "stable_bn": {**_SHARED, **PAPER_SIZE, "norm": "pre", "mask": "positives",
+                  "output_norm": "batch"},
 }  # fmt: skip
 
 
@@ -187,11 +189,13 @@ def test_published_presets_never_change(preset):
     assert dataclasses.asdict(PRESETS[preset]) == PUBLISHED_PRESETS[preset]
 
 
-def test_the_default_head_is_the_stable_preset():
-    assert DEFAULT_PRESET == "stable"
+def test_the_default_head_is_the_stable_bn_preset():
+    assert DEFAULT_PRESET == "stable_bn"
     head = build_projector("transformer", 512, 2048, 256)
     assert [b.pre_norm for b in head.blocks] == [True] * 10
     assert head.mask == "positives"
+    out = head(torch.randn(32, 512) + 5.0)  # in train mode: centred over the batch
+    torch.testing.assert_close(out.mean(0), torch.zeros(256), rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("mask", MASKS)

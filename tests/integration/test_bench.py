@@ -246,21 +246,25 @@ def spec(bench, text):
 def test_projector_specs(bench):
     a = spec(bench, "transformer:preset=small,mask=positives")
     assert a == spec(bench, "transformer: mask=positives, preset=small")
-    assert a.label == "transformer:lr_scale=0.1,mask=positives,preset=small"
-    assert a.overrides() == [
+    assert a.label == "transformer:mask=positives,preset=small"
+    assert a.under("simclr").label == "transformer:lr_scale=0.1,mask=positives,preset=small"
+    assert a.under("simclr").overrides() == [
         "--projector",
         "transformer",
         "projector.lr_scale=0.1",
         "projector.mask=positives",
         "projector.preset=small",
     ]
-    # a label spells out the defaults in force, so a record keeps its meaning when they change
-    assert spec(bench, "transformer").label == "transformer:lr_scale=0.1,preset=stable"
-    assert spec(bench, "mlp_matched").label == "mlp_matched:lr_scale=1,preset=stable"
-    assert spec(bench, "transformer:lr_scale=1,preset=paper").label == (
-        "transformer:lr_scale=1,preset=paper"
+    # a cell spells out the defaults in force, so a record keeps its meaning when they change
+    bare = spec(bench, "transformer")
+    assert bare.under("simclr").label == "transformer:lr_scale=0.1,preset=stable_bn"
+    assert bare.under("vicreg").label == "transformer:lr_scale=0.1,preset=stable"
+    assert spec(bench, "mlp_matched").under("byol").label == (
+        "mlp_matched:lr_scale=1,preset=stable_bn"
     )
-    assert spec(bench, "mlp").label == "mlp"
+    given = spec(bench, "transformer:lr_scale=1,preset=paper")
+    assert given.under("vicreg") == given
+    assert spec(bench, "mlp").under("simclr").label == "mlp"
     for bad in ("mlp:preset=small", "transformer:size=3", "convnet", "transformer:depth"):
         with pytest.raises(bench.UsageError):
             spec(bench, bad)
@@ -271,7 +275,7 @@ def test_cell_id_is_a_stable_hash_of_the_config(bench, study):
     def cell(seed=0, projector="transformer:preset=small,depth=2", temperature=0.1):
         ablation = (("batch_size", 256), ("temperature", temperature))
         ablation += (("weight_decay", None), ("depth", None))
-        return bench.Cell(study, "simclr", spec(bench, projector), seed, ablation)
+        return bench.Cell(study, "simclr", spec(bench, projector).under("simclr"), seed, ablation)
 
     # Fixed by sha256 of the canonical JSON key: the same in every process and Python version.
     assert cell().cell_id == "a0387393c7d33094"

@@ -204,6 +204,21 @@ def test_projector_fields_are_validated():
         build_model(method_cfg("simclr_transformer", name="mlp"))
 
 
+@pytest.mark.parametrize("projector", ["transformer", "mlp_matched"])
+def test_the_default_preset_is_the_methods(projector):
+    def preset(method, **fields):
+        cfg = METHODS[variant_name(method, projector)].add_and_assert_specific_cfg(
+            method_cfg(variant_name(method, projector), name=projector, **fields)
+        )
+        return cfg.projector.preset
+
+    assert preset("simclr") == preset("byol") == "stable_bn"
+    assert preset("vicreg") == "stable"  # an output BatchNorm would meet its variance term
+    assert preset("vicreg", preset="stable_bn") == "stable_bn"  # a user's choice stands
+    head = build_model(method_cfg("vicreg_transformer", name="transformer")).projector.head
+    assert isinstance(head.output_norm, torch.nn.Identity)
+
+
 def test_stem_option_decouples_stem_from_dataset():
     cfg = method_cfg("byol_transformer", **SMALL)
     cfg.backbone.stem = "imagenet"

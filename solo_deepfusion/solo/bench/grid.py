@@ -20,7 +20,12 @@ from solo_deepfusion.bench import BASELINE
 from solo_deepfusion.errors import UsageError
 from solo_deepfusion.solo.analysis import EVAL_BATCH_SIZES
 from solo_deepfusion.solo.param_groups import HeadOptimizer
-from solo_deepfusion.solo.variants import PROJECTOR_DEFAULTS, PROJECTOR_KEYS, PROJECTORS
+from solo_deepfusion.solo.variants import (
+    PROJECTOR_DEFAULTS,
+    PROJECTOR_KEYS,
+    PROJECTORS,
+    default_preset,
+)
 
 PROJECTOR_NAMES = PROJECTORS  # the registry's heads, `mlp` (the stock method) first
 # Methods whose loss reads `method_kwargs.temperature` (solo-learn 1.0.6; a test checks the
@@ -35,8 +40,8 @@ AXES: dict[str, str] = {
     "weight_decay": "optimizer.weight_decay",
     "depth": "projector.depth",
 }
-# Fields a label always spells out, default or not, so that a record keeps its meaning when the
-# package's defaults change (0.2.0 changed both for `transformer`).
+# Fields a cell's label always spells out, default or not, so that a record keeps its meaning when
+# the package's defaults change (0.2.0 changed both for `transformer`, 0.3.0 the preset).
 SPELLED_OUT = ("preset", "lr_scale")
 KNN_K = (20, 200)
 KNN_TEMPERATURE = 0.07
@@ -56,8 +61,7 @@ class ProjectorSpec:
 
     @classmethod
     def parse(cls, text: str) -> ProjectorSpec:
-        """``transformer:preset=small,mask=positives`` -> name and (sorted) fields, with
-        :data:`SPELLED_OUT` filled in from the current defaults where not given."""
+        """``transformer:preset=small,mask=positives`` -> name and (sorted) fields, as given."""
         name, _, rest = text.strip().partition(":")
         if name not in PROJECTOR_NAMES:
             raise UsageError(
@@ -79,10 +83,15 @@ class ProjectorSpec:
             raise UsageError(
                 f"{text!r}: unknown field(s) {unknown}; {name} takes {sorted(allowed)}"
             )
-        if name != BASELINE:
-            for key, value in spelled_out_defaults(name).items():
-                fields.setdefault(key, value)
         return cls(name, tuple(sorted(fields.items())))
+
+    def under(self, method: str) -> ProjectorSpec:
+        """This head as ``method`` trains it: :data:`SPELLED_OUT` filled in from the current
+        defaults where not given (the preset depends on the method)."""
+        if self.name == BASELINE:
+            return self
+        fields = {**spelled_out_defaults(self.name, method), **dict(self.fields)}
+        return ProjectorSpec(self.name, tuple(sorted(fields.items())))
 
     @property
     def label(self) -> str:
@@ -99,9 +108,14 @@ class ProjectorSpec:
         return ["--projector", self.name, *(f"projector.{k}={v}" for k, v in self.fields)]
 
 
-def spelled_out_defaults(projector: str) -> dict[str, str]:
-    """The current defaults of :data:`SPELLED_OUT` for ``projector``, as label text."""
-    defaults = {"lr_scale": HeadOptimizer().lr_scale, **PROJECTOR_DEFAULTS[projector]}
+def spelled_out_defaults(projector: str, method: str) -> dict[str, str]:
+    """The current defaults of :data:`SPELLED_OUT` for ``projector`` under ``method``, as label
+    text."""
+    defaults = {
+        "lr_scale": HeadOptimizer().lr_scale,
+        "preset": default_preset(method),
+        **PROJECTOR_DEFAULTS[projector],
+    }
     return {
         key: f"{defaults[key]:g}" if isinstance(defaults[key], float) else str(defaults[key])
         for key in SPELLED_OUT
@@ -249,7 +263,7 @@ def expand_grid(
                 (axis, value if axis_applies(axis, method, spec) else None)
                 for axis, value in zip(AXES, combo, strict=True)
             )
-            cell = Cell(study, method, spec, seed, ablation)
+            cell = Cell(study, method, spec.under(method), seed, ablation)
             if cell.cell_id not in seen:
                 seen.add(cell.cell_id)
                 cells.append(cell)
