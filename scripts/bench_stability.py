@@ -55,13 +55,17 @@ ARMS = (  # spelled out in full: `transformer` alone is whatever the default pre
     "transformer:input_norm=true,lr_scale=1,preset=paper",
     "transformer:lr_scale=1,norm=pre,preset=paper,qk_norm=true",
     "transformer:lr_scale=0.1,norm=pre,preset=paper",
-    # = `stable` at lr_scale 0.1: the default in 0.2.0, and under VICReg since 0.3.0
+    # = `stable` at lr_scale 0.1: the default in 0.2.0, and under VICReg in 0.3.0
     "transformer:lr_scale=0.1,mask=positives,norm=pre,preset=paper",
     "transformer:input_norm=batch,lr_scale=1,norm=pre,preset=paper",
     "transformer:lr_scale=1,norm=pre,output_norm=batch,preset=paper",
     # = `stable_bn` at lr_scale 0.1: the default since 0.3.0 (but under VICReg)
     "transformer:lr_scale=0.1,mask=positives,norm=pre,output_norm=batch,preset=paper",
     "transformer:lr_scale=0.01,mask=positives,norm=pre,preset=paper",  # VICReg, lower head lr
+    # VICReg: the shared direction removed where it arises, in the input and in the attention
+    "transformer:centred_attention=true,lr_scale=0.1,mask=positives,norm=pre,preset=paper",
+    # = `stable_centred` at lr_scale 0.1: the default under VICReg since 0.4.0
+    "transformer:centred_attention=true,input_norm=batch,lr_scale=0.1,mask=positives,norm=pre,preset=paper",
 )
 FEATURES_BACKBONE = "simclr-r18-cifar10-cpu"
 HEALTHY_ENTROPY, HEALTHY_COSINE = 0.5, 0.5

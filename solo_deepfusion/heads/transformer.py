@@ -71,15 +71,23 @@ class BatchSelfAttention(nn.Module):
     Queries are this rank's tokens; keys and values are gathered from every rank when
     ``gather_distributed`` is set, so the context is the global batch. ``qk_norm`` applies a
     LayerNorm to each head's queries and keys, which bounds the attention logits however large
-    the input grows.
+    the input grows. ``centred`` subtracts from every query's output the plain mean of the values
+    it may attend to: what uniform attention gives, the same batch mean for every token.
     """
 
     def __init__(
-        self, dim: int, heads: int, dropout: float, gather_distributed: bool, qk_norm: bool
+        self,
+        dim: int,
+        heads: int,
+        dropout: float,
+        gather_distributed: bool,
+        qk_norm: bool,
+        centred: bool = False,
     ) -> None:
         super().__init__()
         self.heads = heads
         self.dropout = dropout
+        self.centred = centred
         self.gather_distributed = gather_distributed
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -101,6 +109,14 @@ class BatchSelfAttention(nn.Module):
         q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(0, 1) for t in (q, k, v))
         return self.q_norm(q), self.k_norm(k), v
 
+    @staticmethod
+    def _uniform(v: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+        """What uniform attention over the allowed keys gives: ``(heads, T or 1, head_dim)``."""
+        if allowed is None:
+            return v.mean(dim=-2, keepdim=True)
+        weights = allowed.to(v.dtype)
+        return (weights / weights.sum(dim=-1, keepdim=True)) @ v
+
     def logits(self, x: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
         """The ``(heads, T, S)`` attention scores before the softmax (``-inf`` where masked)."""
         q, k, _ = self._heads(x)
@@ -117,6 +133,8 @@ class BatchSelfAttention(nn.Module):
             out = F.dropout(weights, dropout, self.training) @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)
+        if self.centred:
+            out = out - self._uniform(v, allowed)
         return self.proj(out.transpose(0, 1).flatten(1)), weights
 
 
@@ -143,10 +161,13 @@ class FusionBlock(nn.Module):
         dropout: float,
         gather_distributed: bool,
         qk_norm: bool,
+        centred_attention: bool = False,
     ) -> None:
         super().__init__()
         self.pre_norm = norm == "pre"
-        self.attn = BatchSelfAttention(dim, heads, dropout, gather_distributed, qk_norm)
+        self.attn = BatchSelfAttention(
+            dim, heads, dropout, gather_distributed, qk_norm, centred_attention
+        )
         self.ffn = FeedForward(dim, ffn_dim, activation, dropout)
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
@@ -186,6 +207,11 @@ class TransformerProjector(nn.Module):
             sample's output shares (attention adds the batch mean to every token), which
             BYOL's and MoCo v3's losses do not remove; or ``"none"``.
         qk_norm: a LayerNorm of every attention head's queries and keys (bounded logits).
+        centred_attention: subtract from each attention output the plain mean of the values
+            its query may attend to, so only attention that departs from uniform moves a
+            token. Near-uniform attention otherwise adds the same batch mean to every token,
+            a direction that VICReg's and Barlow Twins' losses cannot see and so never remove
+            (benchmarks/stability).
         activation: FFN activation, one of ``ACTIVATIONS``.
         dropout: dropout on attention weights, residual branches and the FFN.
         context: which samples share a sequence, read by the host integration: ``"joint"``
@@ -211,6 +237,7 @@ class TransformerProjector(nn.Module):
         input_norm: str | bool = "none",
         output_norm: str = "none",
         qk_norm: bool = False,
+        centred_attention: bool = False,
         activation: str = "gelu",
         dropout: float = 0.0,
         context: str = "joint",
@@ -229,6 +256,7 @@ class TransformerProjector(nn.Module):
         check_choice("input_norm", input_norm, tuple(INPUT_NORMS))
         check_choice("output_norm", output_norm, tuple(OUTPUT_NORMS))
         check_flag("qk_norm", qk_norm)
+        check_flag("centred_attention", centred_attention)
         dims = (("in_dim", in_dim), ("out_dim", out_dim), ("dim", dim), ("ffn_dim", ffn_dim))
         for field, value in dims:
             if value < 1:
@@ -246,7 +274,17 @@ class TransformerProjector(nn.Module):
         self.in_proj = nn.Linear(in_dim, dim)
         self.input_norm = INPUT_NORMS[input_norm](dim)
         self.blocks = nn.ModuleList(
-            FusionBlock(dim, heads, ffn_dim, norm, activation, dropout, gather_distributed, qk_norm)
+            FusionBlock(
+                dim,
+                heads,
+                ffn_dim,
+                norm,
+                activation,
+                dropout,
+                gather_distributed,
+                qk_norm,
+                centred_attention,
+            )
             for _ in range(depth)
         )
         self.final_norm = nn.LayerNorm(dim) if norm == "pre" else nn.Identity()

@@ -62,8 +62,9 @@ PROJECTOR_DEFAULTS = {
 }
 # Methods whose heads default to another preset than DEFAULT_PRESET. VICReg's variance term
 # reads the head's output: an output BatchNorm meets it by construction, and behind it the head
-# collapses (out_proj cosine 0.99999; benchmarks/stability).
-METHOD_PRESETS = {"vicreg": "stable"}
+# collapses (out_proj cosine 0.99999). `stable_centred` removes the shared direction at its
+# sources instead (benchmarks/stability).
+METHOD_PRESETS = {"vicreg": "stable_centred"}
 
 
 def projector_group_node(projector: str) -> dict[str, Any]:

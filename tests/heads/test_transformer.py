@@ -21,7 +21,7 @@ from solo_deepfusion.heads import (
     build_projector,
 )
 from solo_deepfusion.heads.diagnostics import output_cosine
-from solo_deepfusion.heads.transformer import NonFiniteOutputError
+from solo_deepfusion.heads.transformer import NonFiniteOutputError, attention_mask
 
 TINY = {"dim": 32, "depth": 2, "heads": 4, "ffn_dim": 64}
 
@@ -72,7 +72,8 @@ def reference_forward(head: TransformerProjector, x: torch.Tensor, num_views: in
             weights = torch.exp(scores - scores.max(dim=1, keepdim=True).values)
             weights = weights / weights.sum(dim=1, keepdim=True)
             layer_maps.append(weights)
-            outs.append(weights @ vi)
+            uniform = allowed.double() / allowed.sum(dim=1, keepdim=True)
+            outs.append((weights - uniform) @ vi if attn.centred else weights @ vi)
         attended = attn.proj(torch.cat(outs, dim=1))
         if block.pre_norm:
             h = h + attended
@@ -171,6 +172,7 @@ _SHARED = {
     "input_norm": "none",
     "output_norm": "none",
     "qk_norm": False,
+    "centred_attention": False,
     "gather_distributed": True,
 }
 PAPER_SIZE = {"dim": 256, "depth": 10, "heads": 16, "ffn_dim": 1024}
@@ -181,6 +183,8 @@ PUBLISHED_PRESETS = {
     "stable": {**_SHARED, **PAPER_SIZE, "norm": "pre", "mask": "positives"},
     "stable_bn": {**_SHARED, **PAPER_SIZE, "norm": "pre", "mask": "positives",
                   "output_norm": "batch"},
+    "stable_centred": {**_SHARED, **PAPER_SIZE, "norm": "pre", "mask": "positives",
+                       "input_norm": "batch", "centred_attention": True},
 }  # fmt: skip
 
 
@@ -253,6 +257,8 @@ def test_masked_entries_get_exactly_zero_and_rows_sum_to_one(mask, num_views):
         {"qk_norm": True},
         {"input_norm": True, "qk_norm": True},
         {"output_norm": "batch"},
+        {"centred_attention": True},
+        {"centred_attention": True, "input_norm": "batch"},
     ],
 )
 def test_matches_naive_float64_reference(mask, norm, stability):
@@ -270,6 +276,26 @@ def test_matches_naive_float64_reference(mask, norm, stability):
         assert (got.double() - want).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("mask", MASKS)
+def test_centred_attention_adds_nothing_where_attention_is_uniform(mask):
+    """Uniform attention gives every token the batch mean of the values; centred, it gives
+    nothing, so a token moves only by how its attention departs from uniform."""
+    x = 5 + torch.randn(12, 24)  # non-negative-like features: one shared direction
+    for centred in (False, True):
+        head = tiny_head(mask=mask, centred_attention=centred).eval()
+        block = head.blocks[0]
+        block.attn.qkv.weight.data[:32] = 0  # queries 0: every allowed key scores the same
+        block.attn.qkv.bias.data[:32] = 0
+        allowed = attention_mask(mask, 12, 2, 0, 1, x.device)
+        with torch.no_grad():
+            attended, _ = block.attn(head.in_proj(x), allowed, need_weights=False)
+            branch = attended - block.attn.proj.bias
+        if centred:
+            torch.testing.assert_close(branch, torch.zeros_like(branch), rtol=0, atol=1e-5)
+        else:
+            assert output_cosine(branch) > 0.99  # the same batch mean in every token
+
+
 def test_attention_maps_do_not_change_the_output():
     head = tiny_head().eval()
     x = torch.randn(9, 24)
@@ -280,7 +306,7 @@ def test_attention_maps_do_not_change_the_output():
 @pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("stability", [False, True])
 def test_every_parameter_receives_a_gradient(norm, mask, stability):
-    flags = {"input_norm": stability, "qk_norm": stability}
+    flags = {"input_norm": stability, "qk_norm": stability, "centred_attention": stability}
     flags["output_norm"] = "batch" if stability else "none"
     head = tiny_head(norm=norm, mask=mask, tail=nn.BatchNorm1d(16), **flags)
     head(torch.randn(8, 24), num_views=2).square().sum().backward()
@@ -310,6 +336,7 @@ def test_seeded_construction_and_forward_are_deterministic():
         ({"activation": "tanh"}, r"activation='tanh'"),
         ({"dropout": 1.5}, r"dropout must be in \[0, 1\)"),
         ({"qk_norm": "yes"}, r"qk_norm='yes'.*\[False, True\]"),
+        ({"centred_attention": 1}, r"centred_attention=1.*\[False, True\]"),
         ({"ffn_dim": 0}, r"ffn_dim must be a positive integer, got 0"),
         ({"input_norm": 1}, r"input_norm=1.*\['batch', 'layer', 'none'\]"),
         ({"input_norm": "group"}, r"input_norm='group'.*\['batch', 'layer', 'none'\]"),

@@ -258,7 +258,7 @@ def test_projector_specs(bench):
     # a cell spells out the defaults in force, so a record keeps its meaning when they change
     bare = spec(bench, "transformer")
     assert bare.under("simclr").label == "transformer:lr_scale=0.1,preset=stable_bn"
-    assert bare.under("vicreg").label == "transformer:lr_scale=0.1,preset=stable"
+    assert bare.under("vicreg").label == "transformer:lr_scale=0.1,preset=stable_centred"
     assert spec(bench, "mlp_matched").under("byol").label == (
         "mlp_matched:lr_scale=1,preset=stable_bn"
     )

@@ -159,6 +159,7 @@ def test_unknown_projector_lists_the_choices(capsys):
     [
         ("projector.lr_scale=0", "projector.lr_scale must be a number > 0, got 0"),
         ("projector.qk_norm=maybe", "qk_norm='maybe' is not supported; choose one of"),
+        ("projector.centred_attention=1", "centred_attention=1 is not supported; choose one"),
         ("projector.input_norm=2", "input_norm=2 is not supported; choose one of"),
         ("projector.output_norm=layer", "output_norm='layer' is not supported; choose one"),
         ("projector.heads=3", "dim=256 must be divisible by heads=3"),

@@ -213,10 +213,14 @@ def test_the_default_preset_is_the_methods(projector):
         return cfg.projector.preset
 
     assert preset("simclr") == preset("byol") == "stable_bn"
-    assert preset("vicreg") == "stable"  # an output BatchNorm would meet its variance term
+    # an output BatchNorm would meet VICReg's variance term: its head removes the shared
+    # direction where it arises
+    assert preset("vicreg") == "stable_centred"
     assert preset("vicreg", preset="stable_bn") == "stable_bn"  # a user's choice stands
     head = build_model(method_cfg("vicreg_transformer", name="transformer")).projector.head
     assert isinstance(head.output_norm, torch.nn.Identity)
+    assert isinstance(head.input_norm, torch.nn.BatchNorm1d)
+    assert all(block.attn.centred for block in head.blocks)
 
 
 def test_stem_option_decouples_stem_from_dataset():
