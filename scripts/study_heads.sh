@@ -5,6 +5,7 @@
 #   scripts/study_heads.sh confirm ARM ...          SimCLR, 5,000 images x 10 epochs, 6 seeds
 #   scripts/study_heads.sh horizon ARM              mlp vs ARM at 3x the confirm's epochs, 3 seeds
 #   scripts/study_heads.sh byol ARM                 BYOL, mlp vs ARM at the confirm budget, 3 seeds
+#   scripts/study_heads.sh vicreg ARM               VICReg, the same
 #   scripts/study_heads.sh report PHASE             benchmarks/PHASE/report.md and report.png
 #                                                  (benchmarks/PHASE/verdict.md on top, if there)
 #
@@ -22,7 +23,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 bench=(nice -n 19 "${SOLO_DEEPFUSION_BIN:-.venv/bin/solo-deepfusion}")
-phase="${1:?phase: screen | confirm | horizon | byol | report}"
+phase="${1:?phase: screen | confirm | horizon | byol | vicreg | report}"
 [ "$phase" = report ] || : "${SOLO_DEEPFUSION_DATA:?set SOLO_DEEPFUSION_DATA to the CIFAR-10 folder}"
 shift
 work="${SOLO_DEEPFUSION_STUDY_WORK:-benchmarks/scratch}"
@@ -63,11 +64,11 @@ case "$phase" in
     "${bench[@]}" bench "${common[@]}" --epochs 30 --train-per-class 500 --methods simclr \
       --projectors mlp "$1" $(seeds 0 1 2) --results benchmarks/horizon/results.jsonl
     ;;
-  byol)
-    (($# == 1)) || { echo "byol: name one arm" >&2; exit 2; }
+  byol | vicreg)
+    (($# == 1)) || { echo "$phase: name one arm" >&2; exit 2; }
     # (the bench fills what the SimCLR recipe lacks for BYOL: predictor width, momentum taus)
-    "${bench[@]}" bench "${common[@]}" "${confirm[@]}" --methods byol \
-      --projectors mlp "$1" $(seeds 0 1 2) --results benchmarks/byol/results.jsonl
+    "${bench[@]}" bench "${common[@]}" "${confirm[@]}" --methods "$phase" \
+      --projectors mlp "$1" $(seeds 0 1 2) --results "benchmarks/$phase/results.jsonl"
     ;;
   report)
     dir="benchmarks/${1:?report: name the phase}"
@@ -77,7 +78,7 @@ case "$phase" in
       "${verdict[@]}"
     ;;
   *)
-    echo "unknown phase $phase: screen | confirm | horizon | byol | report" >&2
+    echo "unknown phase $phase: screen | confirm | horizon | byol | vicreg | report" >&2
     exit 2
     ;;
 esac

@@ -210,8 +210,8 @@ class TransformerProjector(nn.Module):
         centred_attention: subtract from each attention output the plain mean of the values
             its query may attend to, so only attention that departs from uniform moves a
             token. Near-uniform attention otherwise adds the same batch mean to every token,
-            a direction that VICReg's and Barlow Twins' losses cannot see and so never remove
-            (benchmarks/stability).
+            a direction that VICReg's loss cannot see and so never removes (the
+            ``stable_centred`` preset, VICReg's default; benchmarks/stability).
         activation: FFN activation, one of ``ACTIVATIONS``.
         dropout: dropout on attention weights, residual branches and the FFN.
         context: which samples share a sequence, read by the host integration: ``"joint"``

@@ -116,12 +116,12 @@ def _global_to_rank_order(t: torch.Tensor, world: int, views: int) -> torch.Tens
     return chunks.transpose(0, 1).reshape(t.shape)
 
 
-def _ddp_worker(rank: int, world: int, port: int, mask: str, outdir: str) -> None:
+def _ddp_worker(rank: int, world: int, port: int, fields: dict, outdir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         views, per_rank = 2, 3
-        head = nn.parallel.DistributedDataParallel(tiny_head(mask=mask))
+        head = nn.parallel.DistributedDataParallel(tiny_head(**fields))
         x_global, w_global = _global_batch(world, views, per_rank)
         rows = slice(rank * views * per_rank, (rank + 1) * views * per_rank)
         x = _global_to_rank_order(x_global, world, views)[rows].clone().requires_grad_()
@@ -365,13 +365,16 @@ def test_bad_inputs_name_the_problem():
     assert tiny_head().eval()(torch.randn(1, 24)).shape == (1, 16)  # fine at inference
 
 
-@pytest.mark.parametrize("mask", ["none", "positives"])
-def test_two_gloo_processes_match_one_process_over_the_concatenated_batch(mask, tmp_path):
+@pytest.mark.parametrize(
+    "fields",
+    [{"mask": "none"}, {"mask": "positives"}, {"mask": "positives", "centred_attention": True}],
+)
+def test_two_gloo_processes_match_one_process_over_the_concatenated_batch(fields, tmp_path):
     world, views, per_rank = 2, 2, 3
-    mp.spawn(_ddp_worker, args=(world, _free_port(), mask, str(tmp_path)), nprocs=world)
+    mp.spawn(_ddp_worker, args=(world, _free_port(), fields, str(tmp_path)), nprocs=world)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
 
-    head = tiny_head(mask=mask)
+    head = tiny_head(**fields)
     x_global, w_global = _global_batch(world, views, per_rank)
     x_global.requires_grad_()
     out = head(x_global, num_views=views)
