@@ -59,10 +59,19 @@ METRIC_NAMES = {
     "collapse_min_entropy": "min attn entropy (nats)",
     "collapse_output_cosine": "output cosine",
     "collapse_output_rank": "output rank",
+    "eval_output_cosine": "output cosine (test)",
+    "eval_output_rank": "output rank (test)",
 }
 # Metrics that are not accuracies (shown as they are, not as percentages).
 DIAGNOSTICS = frozenset(
-    {"fusion_ratio_last", "collapse_min_entropy", "collapse_output_cosine", "collapse_output_rank"}
+    {
+        "fusion_ratio_last",
+        "collapse_min_entropy",
+        "collapse_output_cosine",
+        "collapse_output_rank",
+        "eval_output_cosine",
+        "eval_output_rank",
+    }
 )
 PLOT_PREFERENCE = (
     "feature_linear_acc1",

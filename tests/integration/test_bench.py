@@ -517,6 +517,33 @@ def test_cli_dry_run_and_usage_errors(bench, tmp_path, capsys):
     assert capsys.readouterr().err.count("error:") == len(bad)
 
 
+@requires_host
+def test_output_spread_of_whole_batches_of_head_outputs():
+    from torch import nn
+
+    from solo_deepfusion.solo.bench.evaluation import output_spread
+
+    class Model(nn.Module):  # a linear projector: identity, or every output the same vector
+        context_projector = "projector"
+
+        def __init__(self, constant: bool) -> None:
+            super().__init__()
+            self.projector = nn.Linear(6, 6)
+            nn.init.zeros_(self.projector.bias)
+            nn.init.eye_(self.projector.weight)
+            if constant:
+                nn.init.zeros_(self.projector.weight)
+                nn.init.ones_(self.projector.bias)
+
+    feats = torch.cat([torch.eye(6), torch.eye(6), torch.randn(5, 6)])  # 2 batches of 6 + 5
+    spread = output_spread(Model(constant=False), feats, 6)  # the 5 left over are dropped
+    assert spread["eval_output_cosine"] == pytest.approx(0.0, abs=1e-6)  # orthogonal outputs
+    assert spread["eval_output_rank"] == pytest.approx(5.0)  # 6 points span 5 directions
+    collapsed = output_spread(Model(constant=True), feats, 6)
+    assert collapsed == {"eval_output_cosine": pytest.approx(1.0), "eval_output_rank": 0.0}
+    assert output_spread(Model(constant=False), feats[:5], 6) == {}  # no whole batch
+
+
 @pytest.mark.slow
 @requires_host
 def test_one_real_cell_through_the_launcher(bench, cifar_tiny, tmp_path, capsys):
@@ -536,6 +563,10 @@ def test_one_real_cell_through_the_launcher(bench, cifar_tiny, tmp_path, capsys)
     assert mlp["projector"] == "mlp" and mlp["cost"]["head_context"] == "view"
     assert "fusion_ratio_last" not in mlp["metrics"]
     assert "collapse_min_entropy" not in mlp["metrics"] and mlp["run"]["collapse"] is None
+    # the spread of every head's outputs on the test images, batches of the training size (8)
+    for record in (mlp, rec):
+        assert -1 <= record["metrics"]["eval_output_cosine"] <= 1
+        assert 0 < record["metrics"]["eval_output_rank"] <= 7  # B - 1
     # the same images in the same order, whatever the head's initialisation drew
     assert mlp["run"]["data_order_sha256"] == rec["run"]["data_order_sha256"]
     assert rec["status"] == "ok" and rec["projector"] == "transformer:lr_scale=0.1,preset=small"

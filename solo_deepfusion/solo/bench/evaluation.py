@@ -1,5 +1,5 @@
-"""Measurements of a trained cell: head cost, unsupervised (1-NN) accuracies, fusion ratio, and
-the offline linear and k-NN evaluations of its saved run."""
+"""Measurements of a trained cell: head cost, unsupervised (1-NN) accuracies, the spread of the
+head's outputs, fusion ratio, and the offline linear and k-NN evaluations of its saved run."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from torchvision.datasets import ImageFolder
 from solo_deepfusion.devices import resolve_device
 from solo_deepfusion.fusion import summarize
 from solo_deepfusion.heads import TransformerProjector, count_flops, count_parameters
+from solo_deepfusion.heads.diagnostics import output_cosine, output_rank
 from solo_deepfusion.linear_probe import linear_probe
 from solo_deepfusion.solo.analysis import eval_transform
 from solo_deepfusion.solo.bench.jobs import Job
@@ -25,6 +26,7 @@ from solo_deepfusion.solo.measure import (
     dataset_features,
     evaluating,
     head_module,
+    head_outputs,
     local_attention,
     momentum_head_path,
     unsupervised_accuracy,
@@ -95,6 +97,22 @@ def unsupervised_accuracies(
     return out
 
 
+def output_spread(model: nn.Module, feats: torch.Tensor, batch_size: int) -> dict[str, float]:
+    """Mean cosine between different images' head outputs (the method's tail included) and
+    their effective rank, per evaluation batch of ``batch_size``, averaged over the batches.
+
+    Measured for every head, so a transformer's collapse diagnostics have the stock MLP head's
+    as reference (:mod:`~solo_deepfusion.heads.diagnostics`); empty when no batch is full.
+    """
+    if feats.shape[0] < batch_size:
+        return {}
+    batches = head_outputs(model, feats, batch_size).split(batch_size)
+    return {
+        "eval_output_cosine": sum(map(output_cosine, batches)) / len(batches),
+        "eval_output_rank": sum(map(output_rank, batches)) / len(batches),
+    }
+
+
 def fusion_numbers(model: nn.Module, dataset: Dataset, samples: int) -> dict[str, Any]:
     """Per-layer fusion ratio of a class-balanced batch of ``dataset`` (transformer heads)."""
     head = head_module(model)
@@ -126,7 +144,8 @@ def feature_probe_accuracy(
 
 
 def evaluate_in_memory(model: nn.Module, cfg: DictConfig, job: Job) -> dict[str, Any]:
-    """Unsupervised accuracies, the feature probe and the fusion ratio of the trained model."""
+    """Unsupervised accuracies, output spread, the feature probe and the fusion ratio of the
+    trained model."""
     if job.val_path is None:
         return {}
     settings = job.eval
@@ -147,6 +166,7 @@ def evaluate_in_memory(model: nn.Module, cfg: DictConfig, job: Job) -> dict[str,
         metrics = unsupervised_accuracies(
             model, feats, labels, settings["eval_batch_sizes"], cfg.optimizer.batch_size
         )
+        metrics.update(output_spread(model, feats, cfg.optimizer.batch_size))
         fusion = fusion_numbers(model, dataset, settings["fusion_samples"])
         if settings.get("feature_probe") and job.train_path is not None:
             train = ImageFolder(job.train_path, transform=transform)
