@@ -16,6 +16,7 @@ from solo_deepfusion.heads.registry import (
 from solo_deepfusion.heads.transformer import (
     CONTEXTS,
     MASKS,
+    MIXINGS,
     NORMS,
     TransformerProjector,
     attention_mask,
@@ -25,6 +26,7 @@ __all__ = [
     "CONTEXTS",
     "DEFAULT_PRESET",
     "MASKS",
+    "MIXINGS",
     "NORMS",
     "PRESETS",
     "SOLO_MLP_LAYOUTS",

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from solo_deepfusion.heads.transformer import ACTIVATIONS
+from solo_deepfusion.heads.transformer import ACTIVATIONS, OUTPUT_NORMS
 from solo_deepfusion.validation import check_choice
 
 
@@ -48,10 +48,14 @@ SOLO_MLP_LAYOUTS: dict[str, MLPLayout] = {
 class MLPProjector(nn.Sequential):
     """``num_layers`` linear layers; hidden ones followed by [BatchNorm1d] and an activation.
 
+    ``output_norm="batch"`` ends it with a BatchNorm1d without affine, as the transformer head's
+    ``output_norm`` does: the fair control for a transformer that has one.
+
     Example::
 
         head = MLPProjector(512, 2048, 256)                 # solo-learn's SimCLR projector
         head = MLPProjector(512, 4096, 256, batch_norm=True)  # BYOL's
+        head = MLPProjector(512, 2048, 256, output_norm="batch")  # SimCLR's, centred output
     """
 
     def __init__(
@@ -64,8 +68,10 @@ class MLPProjector(nn.Sequential):
         batch_norm: bool = False,
         activation: str = "relu",
         bias: bool = True,
+        output_norm: str = "none",
     ) -> None:
         check_choice("activation", activation, tuple(ACTIVATIONS))
+        check_choice("output_norm", output_norm, tuple(OUTPUT_NORMS))
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
@@ -77,6 +83,8 @@ class MLPProjector(nn.Sequential):
                 if batch_norm:
                     layers.append(nn.BatchNorm1d(d_out))
                 layers.append(ACTIVATIONS[activation]())
+        if output_norm != "none":
+            layers.append(OUTPUT_NORMS[output_norm](out_dim))
         super().__init__(*layers)
         self.in_dim, self.hidden_dim, self.out_dim = in_dim, hidden_dim, out_dim
 

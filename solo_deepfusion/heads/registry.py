@@ -58,6 +58,7 @@ class TransformerHeadConfig:
     output_norm: str = "none"
     qk_norm: bool = False
     centred_attention: bool = False
+    mixing: str = "attention"
     activation: str = "gelu"
     dropout: float = 0.0
     context: str = "joint"
@@ -168,6 +169,7 @@ MLPMatchedFields = dataclasses.make_dataclass(
 @dataclass(frozen=True)
 class MLPFields:
     layout: str = "simclr"
+    output_norm: str = "none"
 
 
 @register_projector("transformer", config=TransformerFields)
@@ -211,12 +213,14 @@ def mlp_matched(
     """An MLP with as many parameters as ``transformer(preset, **fields)`` (within 5%).
 
     ``hidden_dim`` is replaced by the width that matches the transformer's parameter count,
-    so accuracy gains of the transformer can be told apart from added capacity.
+    so accuracy gains of the transformer can be told apart from added capacity. An
+    ``output_norm`` given here ends the MLP too (the fair twin of a head that has one); the
+    preset's alone does not, so a published ``mlp_matched`` keeps its meaning.
     """
     del hidden_dim
     fields.pop("tail", None)
-    target = count_parameters(transformer(in_dim, 0, out_dim, preset=preset, **fields))
-    width = matched_hidden_dim(target, in_dim, out_dim, num_layers, batch_norm)
+    twin = transformer(in_dim, 0, out_dim, preset=preset, **fields)
+    width = matched_hidden_dim(count_parameters(twin), in_dim, out_dim, num_layers, batch_norm)
     return MLPProjector(
         in_dim,
         width,
@@ -224,4 +228,5 @@ def mlp_matched(
         num_layers=num_layers,
         batch_norm=batch_norm,
         activation=activation,
+        output_norm=fields.get("output_norm") or "none",
     )

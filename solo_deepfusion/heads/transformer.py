@@ -29,6 +29,10 @@ LEGACY_INPUT_NORMS = {True: "layer", False: "none"}
 # What normalises the output: ``batch`` is MoCo v3's and SimSiam's last BatchNorm (no affine).
 OUTPUT_NORMS = {"none": nn.Identity, "batch": functools.partial(nn.BatchNorm1d, affine=False)}
 MASKS = ("none", "self", "positives")
+# How a token combines the batch: learned softmax ``attention``; ``mean``, fixed uniform weights
+# over the keys the mask allows (mixing without selection); ``none``, only its own value (no
+# sample sees another). ``mean`` and ``none`` keep every parameter: they are controls.
+MIXINGS = ("attention", "mean", "none")
 NORMS = ("post", "pre")
 ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
 
@@ -73,6 +77,8 @@ class BatchSelfAttention(nn.Module):
     LayerNorm to each head's queries and keys, which bounds the attention logits however large
     the input grows. ``centred`` subtracts from every query's output the plain mean of the values
     it may attend to: what uniform attention gives, the same batch mean for every token.
+    ``mixing`` (:data:`MIXINGS`) replaces the learned weights by uniform ones (``mean``) or by
+    each token's own value (``none``); queries and keys are then computed but unused.
     """
 
     def __init__(
@@ -83,9 +89,11 @@ class BatchSelfAttention(nn.Module):
         gather_distributed: bool,
         qk_norm: bool,
         centred: bool = False,
+        mixing: str = "attention",
     ) -> None:
         super().__init__()
         self.heads = heads
+        self.mixing = mixing
         self.dropout = dropout
         self.centred = centred
         self.gather_distributed = gather_distributed
@@ -117,6 +125,25 @@ class BatchSelfAttention(nn.Module):
         weights = allowed.to(v.dtype)
         return (weights / weights.sum(dim=-1, keepdim=True)) @ v
 
+    @staticmethod
+    def _fixed_weights(
+        mixing: str, allowed: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor
+    ) -> torch.Tensor:
+        """The ``(heads, T, S)`` weights of a fixed mixing: uniform over the allowed keys
+        (``mean``) or one on the token itself (``none``; under DDP its column in the gathered
+        sequence)."""
+        heads, tokens, keys = q.shape[0], q.shape[1], k.shape[1]
+        if mixing == "mean":
+            weights = torch.ones(tokens, keys, dtype=q.dtype, device=q.device)
+            if allowed is not None:
+                weights = weights * allowed
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        else:
+            rank = distributed_world()[0] if keys != tokens else 0
+            weights = torch.zeros(tokens, keys, dtype=q.dtype, device=q.device)
+            weights[torch.arange(tokens), torch.arange(tokens) + rank * tokens] = 1.0
+        return weights.expand(heads, tokens, keys)
+
     def logits(self, x: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
         """The ``(heads, T, S)`` attention scores before the softmax (``-inf`` where masked)."""
         q, k, _ = self._heads(x)
@@ -128,7 +155,11 @@ class BatchSelfAttention(nn.Module):
         q, k, v = self._heads(x)
         dropout = self.dropout if self.training else 0.0
         weights = None
-        if need_weights:
+        if self.mixing != "attention":
+            fixed = self._fixed_weights(self.mixing, allowed, q, k)
+            weights = fixed if need_weights else None
+            out = F.dropout(fixed, dropout, self.training) @ v
+        elif need_weights:
             weights = self._scores(q, k, allowed).softmax(dim=-1)
             out = F.dropout(weights, dropout, self.training) @ v
         else:
@@ -162,11 +193,12 @@ class FusionBlock(nn.Module):
         gather_distributed: bool,
         qk_norm: bool,
         centred_attention: bool = False,
+        mixing: str = "attention",
     ) -> None:
         super().__init__()
         self.pre_norm = norm == "pre"
         self.attn = BatchSelfAttention(
-            dim, heads, dropout, gather_distributed, qk_norm, centred_attention
+            dim, heads, dropout, gather_distributed, qk_norm, centred_attention, mixing
         )
         self.ffn = FeedForward(dim, ffn_dim, activation, dropout)
         self.norm1 = nn.LayerNorm(dim)
@@ -212,6 +244,10 @@ class TransformerProjector(nn.Module):
             token. Near-uniform attention otherwise adds the same batch mean to every token,
             a direction that VICReg's loss cannot see and so never removes (the
             ``stable_centred`` preset, VICReg's default; benchmarks/stability).
+        mixing: ``"attention"`` (learned softmax weights), or a control that keeps every
+            parameter: ``"mean"``, fixed uniform weights over the keys the mask allows (mixing
+            with the batch, no selection), or ``"none"``, each token only its own value (no
+            sample sees another). They tell what learned attention adds (benchmarks/controls).
         activation: FFN activation, one of ``ACTIVATIONS``.
         dropout: dropout on attention weights, residual branches and the FFN.
         context: which samples share a sequence, read by the host integration: ``"joint"``
@@ -238,6 +274,7 @@ class TransformerProjector(nn.Module):
         output_norm: str = "none",
         qk_norm: bool = False,
         centred_attention: bool = False,
+        mixing: str = "attention",
         activation: str = "gelu",
         dropout: float = 0.0,
         context: str = "joint",
@@ -251,6 +288,7 @@ class TransformerProjector(nn.Module):
         check_choice("activation", activation, tuple(ACTIVATIONS))
         check_choice("context", context, CONTEXTS)
         check_choice("mask", mask, MASKS)
+        check_choice("mixing", mixing, MIXINGS)
         if isinstance(input_norm, bool):
             input_norm = LEGACY_INPUT_NORMS[input_norm]
         check_choice("input_norm", input_norm, tuple(INPUT_NORMS))
@@ -284,6 +322,7 @@ class TransformerProjector(nn.Module):
                 gather_distributed,
                 qk_norm,
                 centred_attention,
+                mixing,
             )
             for _ in range(depth)
         )

@@ -70,3 +70,24 @@ def test_every_registered_projector_keeps_the_contract(name):
     assert out.shape == (8, 16) and out.isfinite().all()
     out.square().sum().backward()
     assert all(p.grad is not None for p in head.parameters())
+
+
+def test_mlp_output_norm_centres_the_output_without_parameters():
+    plain = build_projector("mlp", 24, 32, 16)
+    normed = build_projector("mlp", 24, 32, 16, output_norm="batch")
+    assert count_parameters(normed) == count_parameters(plain)
+    assert isinstance(normed[-1], nn.BatchNorm1d) and normed[-1].weight is None
+    out = normed.train()(torch.rand(16, 24) + 1.0)  # non-negative inputs share a direction
+    torch.testing.assert_close(out.mean(0), torch.zeros(16), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"output_norm='layer'.*\['batch', 'none'\]"):
+        build_projector("mlp", 24, 32, 16, output_norm="layer")
+
+
+def test_mlp_matched_ends_with_a_batchnorm_only_when_asked():
+    """The preset's output BatchNorm counts no parameters; the twin takes it when it is given,
+    so a published `mlp_matched` (no BatchNorm) keeps its meaning."""
+    stock = build_projector("mlp_matched", 512, 2048, 256, **TINY)
+    fair = build_projector("mlp_matched", 512, 2048, 256, output_norm="batch", **TINY)
+    assert not isinstance(stock[-1], nn.BatchNorm1d)
+    assert isinstance(fair[-1], nn.BatchNorm1d)
+    assert count_parameters(fair) == count_parameters(stock)

@@ -71,8 +71,12 @@ def reference_forward(head: TransformerProjector, x: torch.Tensor, num_views: in
             scores = scores.masked_fill(~allowed, float("-inf"))
             weights = torch.exp(scores - scores.max(dim=1, keepdim=True).values)
             weights = weights / weights.sum(dim=1, keepdim=True)
-            layer_maps.append(weights)
             uniform = allowed.double() / allowed.sum(dim=1, keepdim=True)
+            if attn.mixing == "mean":
+                weights = uniform
+            elif attn.mixing == "none":
+                weights = torch.eye(tokens, dtype=torch.double)
+            layer_maps.append(weights)
             outs.append((weights - uniform) @ vi if attn.centred else weights @ vi)
         attended = attn.proj(torch.cat(outs, dim=1))
         if block.pre_norm:
@@ -173,6 +177,7 @@ _SHARED = {
     "output_norm": "none",
     "qk_norm": False,
     "centred_attention": False,
+    "mixing": "attention",
     "gather_distributed": True,
 }
 PAPER_SIZE = {"dim": 256, "depth": 10, "heads": 16, "ffn_dim": 1024}
@@ -259,6 +264,9 @@ def test_masked_entries_get_exactly_zero_and_rows_sum_to_one(mask, num_views):
         {"output_norm": "batch"},
         {"centred_attention": True},
         {"centred_attention": True, "input_norm": "batch"},
+        {"mixing": "mean"},
+        {"mixing": "none"},
+        {"mixing": "mean", "output_norm": "batch", "qk_norm": True},
     ],
 )
 def test_matches_naive_float64_reference(mask, norm, stability):
@@ -341,6 +349,7 @@ def test_seeded_construction_and_forward_are_deterministic():
         ({"input_norm": 1}, r"input_norm=1.*\['batch', 'layer', 'none'\]"),
         ({"input_norm": "group"}, r"input_norm='group'.*\['batch', 'layer', 'none'\]"),
         ({"output_norm": "layer"}, r"output_norm='layer'.*\['batch', 'none'\]"),
+        ({"mixing": "uniform"}, r"mixing='uniform'.*\['attention', 'mean', 'none'\]"),
     ],
 )
 def test_bad_configuration_names_the_field(kwargs, message):
@@ -367,7 +376,13 @@ def test_bad_inputs_name_the_problem():
 
 @pytest.mark.parametrize(
     "fields",
-    [{"mask": "none"}, {"mask": "positives"}, {"mask": "positives", "centred_attention": True}],
+    [
+        {"mask": "none"},
+        {"mask": "positives"},
+        {"mask": "positives", "centred_attention": True},
+        {"mask": "positives", "mixing": "mean"},
+        {"mask": "positives", "mixing": "none"},
+    ],
 )
 def test_two_gloo_processes_match_one_process_over_the_concatenated_batch(fields, tmp_path):
     world, views, per_rank = 2, 2, 3
@@ -433,3 +448,43 @@ def test_batch_output_norm_removes_the_direction_every_output_shares():
     assert abs(output_cosine(centred, num_views=2)) < 0.1
     torch.testing.assert_close(centred.mean(0), torch.zeros(16), atol=1e-5, rtol=0)
     assert list(tiny_head(output_norm="batch").output_norm.parameters()) == []  # no affine
+
+
+@pytest.mark.parametrize("mask", MASKS)
+def test_mixing_none_lets_no_sample_see_another(mask):
+    head = tiny_head(mask=mask, mixing="none").eval()
+    x = torch.randn(12, 24)
+    changed = x.clone()
+    changed[1:] = torch.randn(11, 24)  # every other token changes
+    torch.testing.assert_close(head(x, num_views=2)[0], head(changed, num_views=2)[0])
+    attending = tiny_head(mask=mask).eval()
+    assert not torch.allclose(attending(x, num_views=2)[0], attending(changed, num_views=2)[0])
+
+
+@pytest.mark.parametrize("mask", MASKS)
+def test_mixing_mean_ignores_queries_and_keys(mask):
+    """Fixed uniform weights: whatever q and k are, the output is the same."""
+    x = torch.randn(12, 24)
+    head = tiny_head(mask=mask, mixing="mean").eval()
+    out = head(x, num_views=2)
+    with torch.no_grad():
+        for block in head.blocks:
+            block.attn.qkv.weight[:64] = torch.randn(64, 32)  # the q and k rows
+    torch.testing.assert_close(head(x, num_views=2), out)
+    _, maps = head(x, num_views=2, return_attention=True)
+    allowed = attention_mask(mask, 12, 2, 0, 1, x.device)
+    expected = torch.ones(12, 12) if allowed is None else allowed.float()
+    torch.testing.assert_close(maps[0][0], expected / expected.sum(-1, keepdim=True))
+
+
+@pytest.mark.parametrize("mixing", ["mean", "none"])
+def test_mixing_controls_keep_every_parameter_and_leave_only_q_and_k_untrained(mixing):
+    control = tiny_head(mixing=mixing)
+    assert sum(p.numel() for p in control.parameters()) == sum(
+        p.numel() for p in tiny_head().parameters()
+    )
+    control(torch.randn(8, 24), num_views=2).square().sum().backward()
+    for block in control.blocks:
+        grad = block.attn.qkv.weight.grad
+        assert not grad[:64].any()  # q and k: unused
+        assert grad[64:].any()  # v: trained
