@@ -292,6 +292,9 @@ class CollapseMonitor(pl.Callback):
         feats, num_views = self._captured
         self._captured = None
         head = fusion_head(pl_module)
+        # Under bf16/fp16 autocast the captured features are half precision; the head's weights
+        # are not, and this call runs outside the training step's autocast.
+        feats = feats.to(next(head.parameters()).dtype)
         with evaluating(head_module(pl_module)), local_attention(head):  # head and tail
             stats = collapse_stats(head, feats, num_views=num_views, tail=head_tail(pl_module))
         self.last, self.last_step = stats, self._step

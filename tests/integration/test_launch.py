@@ -219,6 +219,24 @@ def test_pretrain_writes_args_and_checkpoint(quick_args, tmp_path, monkeypatch):
     assert any(k.startswith("projector.head.") for k in checkpoint["state_dict"])
 
 
+def test_bf16_mixed_training_feeds_the_collapse_monitor_its_float32_head(quick_args, tmp_path):
+    """Under bf16 autocast the backbone's pooled features are bf16; the collapse monitor runs
+    the float32 head on them outside the step's autocast (the GPU session's precision)."""
+    argv = quick_args(
+        *SMALL,
+        "precision=bf16-mixed",
+        "++limit_train_batches=2",
+        "projector.collapse_monitor_every=1",
+    )
+    assert launch.pretrain(argv) == 0
+    (run,) = runs(tmp_path / "ckpt", "simclr_transformer")
+    rows = [
+        r for r in csv.DictReader((run / "metrics.csv").open()) if r.get("collapse/output_rank")
+    ]
+    assert [r["step"] for r in rows] == ["0", "1"]
+    assert all(float(r["collapse/output_rank"]) > 0 for r in rows)
+
+
 def test_fusion_monitor_from_the_recipe_logs_per_layer_numbers(quick_args, tmp_path):
     argv = quick_args(
         *SMALL,
