@@ -17,6 +17,12 @@ Usage::
     python scripts/build_zoo.py simclr-r18-cifar10-cpu --url-base hf://org/zoo@main
     python scripts/build_zoo.py --check                     # retrain, compare, write nothing
     python scripts/build_zoo.py --smoke --work /tmp/z       # 1 epoch on 300 images, zoo in /tmp/z
+    python scripts/build_zoo.py --from-bundle <dir>         # publish a GPU session's entries
+
+``--from-bundle`` publishes what ``scripts/gpu_session.sh`` brought back (``cat bundle.tar.* |
+tar -x -C <dir>``): each exported entry's full weights and args, and the record of the session's
+cell that trained it. The backbone file is cut from the full one (the device returns 64 MiB at
+most), the metrics are the cell's, and the code commit is the one the session ran.
 
 ``--data`` (or ``$SOLO_DEEPFUSION_DATA``) is a folder holding CIFAR-10 as ``train/`` and ``test/``
 ImageFolders or as ``train.tar.gz``/``test.tar.gz`` (unpacked once into ``--work``). ``--smoke``
@@ -202,13 +208,15 @@ def dataset_label(cfg: dict[str, Any]) -> str:
     return f"{dataset} ({fraction:.0%})" if 0 < fraction < 1 else dataset
 
 
-def manifest_entry(build: Build, zoo_dir: Path, url_bases: Sequence[str]) -> dict[str, Any]:
-    """The manifest record of ``build`` (files measured now)."""
+def manifest_entry(
+    build: Build, zoo_dir: Path, url_bases: Sequence[str], commit: str | None = None
+) -> dict[str, Any]:
+    """The manifest record of ``build`` (files measured now); ``commit`` defaults to HEAD."""
     from solo_deepfusion.hub import read_metadata
     from solo_deepfusion.solo import base_method
 
     cfg = build.cfg
-    commit = git_commit(REPO)
+    commit = commit or git_commit(REPO)
     if commit is None:
         raise SystemExit("no git commit to record: run from a git checkout of solo-deepfusion")
     files = []
@@ -232,6 +240,97 @@ def manifest_entry(build: Build, zoo_dir: Path, url_bases: Sequence[str]) -> dic
         "date": dt.datetime.now(dt.UTC).date().isoformat(),
         "code_commit": commit,
     }
+
+
+# ----------------------------------------------------------------------------- GPU bundles
+
+
+def cell_metrics(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """Manifest metrics of a ``solo-deepfusion bench`` cell: online linear, k-NN on backbone
+    features and the cached-feature linear probe, all on the full test split."""
+    values, epochs = record["metrics"], record["budget"]["epochs"]
+    metrics = []
+    if values.get("online_linear_acc1") is not None:
+        online = values["online_linear_acc1"]
+        metrics.append(metric("acc1", online, kind="online_linear", epochs=epochs, split="test"))
+    for k in KNN_K:
+        if values.get(f"knn_k{k}_acc1") is not None:
+            metrics.append(
+                metric(
+                    "acc1",
+                    values[f"knn_k{k}_acc1"],
+                    kind="knn",
+                    k=k,
+                    temperature=KNN_TEMPERATURE,
+                    feature="backbone",
+                    split="test",
+                )
+            )
+    if values.get("feature_linear_acc1") is not None:
+        metrics.append(
+            metric(
+                "acc1",
+                values["feature_linear_acc1"],
+                kind="feature_linear",
+                feature="backbone",
+                split="test",
+            )
+        )
+    return metrics
+
+
+def bundle_build(folder: Path, files_dir: Path, work: Path) -> tuple[Build, str | None]:
+    """The zoo files of the entry exported into ``folder`` by a GPU session, and its commit.
+
+    The full file is copied, the backbone file cut from it (float16, the full file's header with
+    ``role: backbone``) and ``args.json`` made portable.
+    """
+    from solo_deepfusion.hub.weights import load_state_dict, read_metadata, save_state_dict
+    from solo_deepfusion.solo.zoo import BACKBONE_PREFIX, zoo_filenames
+
+    entry = folder.name
+    names = zoo_filenames(entry)
+    record = json.loads((folder / "cell.json").read_text())
+    full = folder / names["full"]
+    out = files_dir / entry
+    out.mkdir(parents=True, exist_ok=True)
+    header = read_metadata(full)
+    state = load_state_dict(full)
+    backbone = {
+        k.removeprefix(BACKBONE_PREFIX): v
+        for k, v in state.items()
+        if k.startswith(BACKBONE_PREFIX)
+    }
+    metadata = {**{k: header[k] for k in header if k != "params"}, "role": "backbone"}
+    metadata["params"] = json.loads(header["params"])
+    paths = [
+        save_state_dict(backbone, out / names["backbone"], metadata, half=True),
+        out / names["full"],
+        portable_args(folder / names["args"], out / names["args"]),
+    ]
+    write_bytes = paths[1].with_suffix(".tmp")
+    write_bytes.write_bytes(full.read_bytes())
+    write_bytes.replace(paths[1])
+    cfg = json.loads(paths[2].read_text())
+    seconds = float(record["cost"].get("train_seconds") or 0.0)
+    return Build(entry, cfg, paths, cell_metrics(record), seconds), record["env"].get("commit")
+
+
+def publish_bundle(bundle: Path, zoo_dir: Path, url_bases: Sequence[str], work: Path) -> int:
+    """Publish every entry a GPU session exported into ``bundle/export``."""
+    from solo_deepfusion.hub import load_backbone
+
+    manifest = zoo_dir / "manifest.yaml"
+    folders = sorted(p for p in (bundle / "export").iterdir() if (p / "cell.json").is_file())
+    if not folders:
+        raise SystemExit(f"--from-bundle: no exported entry in {bundle / 'export'}")
+    for folder in folders:
+        build, commit = bundle_build(folder, zoo_dir / "files", work)
+        update_manifest(manifest, manifest_entry(build, zoo_dir, url_bases, commit))
+        load_backbone(build.name, manifest=manifest, cache_dir=work / "cache", progress=False)
+        print(f"wrote {build.name} to {manifest}: {build.metrics}; it loads back")
+    write_cards(manifest)
+    return 0
 
 
 # ----------------------------------------------------------------------------- driver
@@ -400,6 +499,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--no-eval", action="store_true", help="online linear accuracy only")
     parser.add_argument("--full-precision", action="store_true", help="float32 weight files")
     parser.add_argument("--cards", action="store_true", help="only (re)write the model cards")
+    parser.add_argument(
+        "--from-bundle", type=Path, help="publish a GPU session's unpacked bundle folder"
+    )
     return parser.parse_args(list(argv))
 
 
@@ -409,6 +511,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cards:
         write_cards((args.zoo or REPO / "zoo").resolve() / "manifest.yaml")
         return 0
+    if args.from_bundle:
+        work = (args.work or Path(tempfile.mkdtemp(prefix="build_zoo-"))).resolve()
+        zoo_dir = (args.zoo or REPO / "zoo").resolve()
+        return publish_bundle(args.from_bundle.resolve(), zoo_dir, args.url_base, work)
     from solo_deepfusion.hub import load_backbone
 
     source = args.data or (Path(os.environ[DATA_ENV]) if os.environ.get(DATA_ENV) else None)

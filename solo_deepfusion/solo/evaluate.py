@@ -38,6 +38,7 @@ from timm.data.mixup import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from torchmetrics import Metric
 
 from solo_deepfusion.atomic import write_json
 from solo_deepfusion.cli import exit_status
@@ -292,6 +293,23 @@ def extract_features(
     return {name: torch.cat(feats) for name, feats in features.items()}, torch.cat(labels)
 
 
+class WeightedKNN(WeightedKNNClassifier):
+    """solo-learn's weighted k-NN classifier, built without ``compute_on_step``.
+
+    solo-learn's ``__init__`` passes ``compute_on_step=False`` to torchmetrics, which removed
+    the argument in 0.12 (solo-learn pins ``<0.12``; newer images, such as the GPU machine's,
+    carry 1.x). Only ``update`` and ``compute`` are called here, so the argument (no compute in
+    ``forward``) changes nothing. The other settings are solo-learn's defaults.
+    """
+
+    def __init__(self, k: int, T: float | None, distance_fx: str) -> None:
+        Metric.__init__(self)
+        self.k, self.T, self.distance_fx = k, T, distance_fx
+        self.max_distance_matrix_size, self.epsilon = int(5e6), 1e-5
+        for name in ("train_features", "train_targets", "test_features", "test_targets"):
+            self.add_state(name, default=[], persistent=False)
+
+
 def knn_accuracy(
     train: tuple[torch.Tensor, torch.Tensor],
     test: tuple[torch.Tensor, torch.Tensor],
@@ -300,7 +318,7 @@ def knn_accuracy(
     distance: str,
 ) -> tuple[float, float]:
     """Weighted k-NN acc@1 and acc@5 (fractions) of ``(features, labels)`` pairs."""
-    classifier = WeightedKNNClassifier(k=k, T=temperature, distance_fx=distance)
+    classifier = WeightedKNN(k=k, T=temperature, distance_fx=distance)
     classifier.update(
         train_features=train[0], train_targets=train[1], test_features=test[0], test_targets=test[1]
     )

@@ -187,3 +187,28 @@ def test_knn_refuses_a_missing_train_path_instead_of_downloading(pretrained, tmp
 def test_knn_settings_that_mean_nothing_are_usage_errors(tmp_path, capsys, option, message):
     assert knn(["--checkpoint-dir", str(tmp_path), *option]) == 2
     assert capsys.readouterr().err.strip() == f"error: solo-deepfusion knn: {message}"
+
+
+@pytest.mark.parametrize(("distance", "temperature"), [("cosine", 0.07), ("euclidean", None)])
+def test_knn_classifier_built_for_any_torchmetrics_matches_solo_learns(distance, temperature):
+    """The plugin builds solo-learn's classifier without the ``compute_on_step`` argument that
+    torchmetrics >= 0.12 refuses; under CI's torchmetrics 0.11 both spellings give the same."""
+    from solo.utils.knn import WeightedKNNClassifier
+
+    from solo_deepfusion.solo.evaluate import WeightedKNN
+
+    g = torch.Generator().manual_seed(0)
+    banks = dict(
+        train_features=torch.randn(60, 8, generator=g),
+        train_targets=torch.randint(0, 3, (60,), generator=g),
+        test_features=torch.randn(20, 8, generator=g),
+        test_targets=torch.randint(0, 3, (20,), generator=g),
+    )
+    ours, theirs = (
+        cls(k=5, T=temperature, distance_fx=distance)
+        for cls in (WeightedKNN, WeightedKNNClassifier)
+    )
+    for classifier in (ours, theirs):
+        classifier.update(**banks)
+    assert ours.compute() == theirs.compute()
+    assert "compute_on_step" not in vars(ours)
