@@ -34,7 +34,7 @@ class ProbeResult:
 def _fit(
     feats: torch.Tensor, labels: torch.Tensor, classes: int, weight_decay: float, max_iter: int
 ) -> torch.nn.Linear:
-    probe = torch.nn.Linear(feats.shape[1], classes, dtype=feats.dtype)
+    probe = torch.nn.Linear(feats.shape[1], classes, dtype=feats.dtype, device=feats.device)
     torch.nn.init.zeros_(probe.weight)
     torch.nn.init.zeros_(probe.bias)
     optimizer = torch.optim.LBFGS(
@@ -77,8 +77,10 @@ def linear_probe(
     weight_decays: Sequence[float] = WEIGHT_DECAYS,
     holdout: float = 0.2,
     max_iter: int = 500,
+    device: str | torch.device = "cpu",
 ) -> ProbeResult:
-    """Top-1 accuracy of a logistic regression on ``(N, D)`` features (float64, CPU)."""
+    """Top-1 accuracy of a logistic regression on ``(N, D)`` features, fitted in float64 on
+    ``device`` (a GPU fits CIFAR-10's 50,000 features in seconds, a CPU in minutes)."""
     if train_feats.ndim != 2 or test_feats.ndim != 2 or train_feats.shape[1] != test_feats.shape[1]:
         raise ValueError(
             f"features must be (N, D) with one D, got {tuple(train_feats.shape)} "
@@ -88,11 +90,11 @@ def linear_probe(
         raise ValueError(f"weight_decays must be non-negative values, got {list(weight_decays)}")
     if not 0 < holdout < 1:
         raise ValueError(f"holdout must be in (0, 1), got {holdout}")
-    train = train_feats.detach().double().cpu()
-    test = test_feats.detach().double().cpu()
+    train = train_feats.detach().to(device, torch.float64)
+    test = test_feats.detach().to(device, torch.float64)
     mean, std = train.mean(0), train.std(0).clamp_min(1e-8)
     train, test = (train - mean) / std, (test - mean) / std
-    y_train, y_test = train_labels.long().cpu(), test_labels.long().cpu()
+    y_train, y_test = train_labels.long().to(device), test_labels.long().to(device)
     classes = int(max(y_train.max(), y_test.max())) + 1
 
     fit, held = _holdout_split(y_train, holdout)

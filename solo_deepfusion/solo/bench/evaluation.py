@@ -133,13 +133,14 @@ def feature_probe_accuracy(
     model: nn.Module, train: ImageFolder, val: ImageFolder, workers: int
 ) -> dict[str, Any]:
     """Top-1 of a linear probe on the backbone's features of every training and validation
-    image (evaluation transform, no augmentation), fitted to convergence."""
+    image (evaluation transform, no augmentation), fitted to convergence on the model's
+    device."""
     feats = [
-        dataset_features(model, dataset, torch.arange(len(dataset)), workers=workers).cpu()
+        dataset_features(model, dataset, torch.arange(len(dataset)), workers=workers)
         for dataset in (train, val)
     ]
     labels = [torch.as_tensor(dataset.targets) for dataset in (train, val)]
-    result = linear_probe(feats[0], labels[0], feats[1], labels[1])
+    result = linear_probe(feats[0], labels[0], feats[1], labels[1], device=feats[0].device)
     return {"acc1": result.accuracy, "weight_decay": result.weight_decay}
 
 
