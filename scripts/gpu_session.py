@@ -42,6 +42,10 @@ MIB = 2**20
 # The device tool returns at most 8 files of 16 MiB, 64 MiB in all, from $OUT.
 PART_BYTES = 16 * MIB
 MAX_BUNDLE_BYTES = 60 * MIB
+# Share of the time left that the planned epochs may fill: the bench starts a cell only while the
+# time used plus its longest cell so far fits its budget, so a cell that overruns its plan must
+# not cost the next arm (the pair).
+PLAN_FILL = 0.85
 
 
 @dataclass(frozen=True)
@@ -137,8 +141,9 @@ class State:
 
 
 def epochs_that_fit(seconds_left: float, arms: int, epoch_s: float, scale: Scale) -> int:
-    """Epochs per arm so that ``arms`` cells, their overheads and packing fit in the time left."""
-    training = seconds_left - scale.pack_reserve_s - arms * scale.cell_overhead_s
+    """Epochs per arm so that ``arms`` cells, their overheads and packing fill
+    :data:`PLAN_FILL` of the time left."""
+    training = PLAN_FILL * seconds_left - scale.pack_reserve_s - arms * scale.cell_overhead_s
     if training <= 0 or epoch_s <= 0:
         return 0
     return min(scale.max_epochs, math.floor(training / (arms * epoch_s)))

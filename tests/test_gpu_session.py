@@ -29,20 +29,20 @@ def session():
 
 def test_epochs_fill_the_time_left_after_overheads(session):
     scale = session.SCALES["full"]
-    # 540 s - 30 s packing - 2 x 60 s overheads = 390 s for 2 arms at 10 s per epoch
-    assert session.epochs_that_fit(540, 2, 10.0, scale) == 19
-    assert session.epochs_that_fit(100, 2, 10.0, scale) == 0
+    # 0.85 x 600 s - 30 s packing - 2 x 60 s overheads = 360 s for 2 arms at 10 s per epoch
+    assert session.epochs_that_fit(600, 2, 10.0, scale) == 18
+    assert session.epochs_that_fit(150, 2, 10.0, scale) == 0
     assert session.epochs_that_fit(10_000, 2, 0.1, scale) == scale.max_epochs
 
 
 def test_the_control_arm_runs_only_when_every_arm_gets_enough_epochs(session):
     scale = session.SCALES["full"]
-    arms, epochs = session.choose_arms(1000, 5.0, scale)
-    assert [a.label for a in arms] == ["mlp", "default", "mixing_mean"] and epochs == 52
-    arms, epochs = session.choose_arms(540, 10.0, scale)  # 3 arms: 11 epochs; 2: 19
-    assert [a.label for a in arms] == ["mlp", "default", "mixing_mean"] and epochs == 11
-    arms, epochs = session.choose_arms(400, 10.0, scale)  # 3 arms would get 6 epochs
-    assert [a.label for a in arms] == ["mlp", "default"] and epochs == 12
+    arms, epochs = session.choose_arms(1000, 5.0, scale)  # (850 - 30 - 180) / 15
+    assert [a.label for a in arms] == ["mlp", "default", "mixing_mean"] and epochs == 42
+    arms, epochs = session.choose_arms(540, 10.0, scale)  # 3 arms: 8 epochs; 2: 15
+    assert [a.label for a in arms] == ["mlp", "default"] and epochs == 15
+    arms, epochs = session.choose_arms(400, 10.0, scale)  # 2 arms: 9, under min_epochs
+    assert [a.label for a in arms] == ["mlp", "default"] and epochs == 9
     arms, epochs = session.choose_arms(100, 10.0, scale)  # nothing fits: still one epoch
     assert [a.label for a in arms] == ["mlp", "default"] and epochs == 1
 
@@ -61,7 +61,7 @@ def test_the_plan_is_sized_by_the_slowest_arm_and_kept_for_a_second_call(session
     plan = session.plan_session(
         state, throughput({"mlp": 20_000, "default": 10_000}), 540, scale, "H200"
     )
-    assert plan["images_per_s"] == 10_000 and plan["epochs"] == 19  # (540-30-180)/(3*5.5)
+    assert plan["images_per_s"] == 10_000 and plan["epochs"] == 15  # (459-30-180)/(3*5.5)
     assert plan["arms"] == ["mlp", "default", "mixing_mean"]
     assert (tmp_path / "plan.json").is_file()
     # A second call (resuming after the 10-minute limit) finds the plan, whatever time is left.
