@@ -184,7 +184,8 @@ def portable_args(run_args: Path, out: Path) -> Path:
     """
     cfg = json.loads(run_args.read_text())
     for (section, key), value in PORTABLE.items():
-        cfg[section][key] = value
+        if key in (cfg.get(section) or {}):
+            cfg[section][key] = value
     cfg.pop("wandb_run_id", None)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(cfg, indent=2) + "\n")

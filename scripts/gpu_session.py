@@ -193,13 +193,16 @@ def plan_session(
 # ----------------------------------------------------------------------------- packing
 
 
-def bundle_members(work: Path, arms: Sequence[Arm]) -> list[Path]:
-    """What goes back, most important first: results, report, log, then each entry's args and
-    full weights (the backbone file is cut from the full one when publishing)."""
+def bundle_members(work: Path, arms: Sequence[Arm], returned: Sequence[str] = ()) -> list[Path]:
+    """What goes back, most important first: results, report, log, then each entry's record,
+    args and full weights (the backbone file is cut from the full one when publishing), the
+    default head's first. Weights a call already ``returned`` (paths relative to ``work``) are
+    not sent again: two full files may not fit one call's 64 MiB, so a second call brings the
+    rest."""
     names = ["plan.json", "throughput.json", "results.jsonl", "report.md", "session.log"]
     members = [work / n for n in names]
-    for arm in arms:
-        if arm.zoo_entry:
+    for arm in sorted(arms, key=lambda a: a.label != "default"):
+        if arm.zoo_entry and f"export/{arm.zoo_entry}" not in returned:
             folder = work / "export" / arm.zoo_entry
             members += [folder / "cell.json", folder / f"{arm.zoo_entry}.args.json"]
             members += [folder / f"{arm.zoo_entry}.full.safetensors"]
@@ -354,7 +357,7 @@ def export_arms(work: Path, arms: Sequence[Arm]) -> list[str]:
         )
         if record is None:
             continue
-        run = work / "runs" / record["cell_id"] / record["paths"]["run_dir"]
+        run = work / record["paths"]["run_dir"]  # relative to the bench's --work
         ckpt = max(run.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
         folder = work / "export" / arm.zoo_entry
         export_checkpoint(ckpt, run / "args.json", folder, name=arm.zoo_entry)
@@ -462,13 +465,19 @@ def run(args: argparse.Namespace, scale: Scale, deadline: float) -> int:
         record = json.loads(line)
         if record["status"] != "ok":
             print(f"cell {record['cell_id']} ({record['projector']}) failed: {record['error']}")
+    exported = state.get("exported") or []
     if (work / "results.jsonl").is_file():
-        state.record("exported", export_arms(work, arms))
+        todo = [arm for arm in arms if arm.zoo_entry not in exported]
+        state.record("exported", [*exported, *export_arms(work, todo)])
     write_report(work, throughput, plan)
     log = Path(os.environ["SESSION_LOG"]) if os.environ.get("SESSION_LOG") else None
     if log is not None and log.is_file():
         (work / "session.log").write_bytes(log.read_bytes()[-2 * MIB :])
-    parts, left_out = pack(bundle_members(work, arms), work, out)
+    returned = state.get("returned") or []
+    members = bundle_members(work, arms, returned)
+    parts, left_out = pack(members, work, out)
+    sent = {m.relative_to(work).parent.as_posix() for m in members if m not in left_out}
+    state.record("returned", sorted({*returned, *(p for p in sent if p.startswith("export/"))}))
     for name in ("report.md",):
         if (work / name).is_file():
             (out / name).write_bytes((work / name).read_bytes())

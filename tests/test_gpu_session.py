@@ -104,11 +104,21 @@ def test_the_bundle_lists_results_first_and_only_published_arms_weights(session,
     names = [p.name for p in session.bundle_members(tmp_path, session.ARMS)]
     assert names == [
         "plan.json", "results.jsonl", "report.md", "session.log",
-        "cell.json", "simclr-r18-cifar10-gpu.args.json",
-        "simclr-r18-cifar10-gpu.full.safetensors", "cell.json",
-        "simclr-deepfusion-r18-cifar10-gpu.args.json",
+        "cell.json", "simclr-deepfusion-r18-cifar10-gpu.args.json",
         "simclr-deepfusion-r18-cifar10-gpu.full.safetensors",
+        "cell.json", "simclr-r18-cifar10-gpu.args.json",
+        "simclr-r18-cifar10-gpu.full.safetensors",
     ]  # fmt: skip
+    # a second call sends the results again, not the entry the first call returned
+    again = session.bundle_members(
+        tmp_path, session.ARMS, ["export/simclr-deepfusion-r18-cifar10-gpu"]
+    )
+    assert [p.name for p in again][-3:] == [
+        "cell.json",
+        "simclr-r18-cifar10-gpu.args.json",
+        "simclr-r18-cifar10-gpu.full.safetensors",
+    ]
+    assert "simclr-deepfusion-r18-cifar10-gpu.args.json" not in [p.name for p in again]
 
 
 def test_pack_splits_into_parts_the_device_tool_returns_and_they_restore(session, tmp_path):

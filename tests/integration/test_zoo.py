@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import pickle
 import pickletools
+import sys
 import zipfile
 from pathlib import Path
 
@@ -307,3 +308,47 @@ def test_cli_export_refuses_a_pickle_disguised_as_safetensors(zoo, tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert "is not a valid safetensors file" in err and "\n" not in err
     assert not list((tmp_path / "out").rglob("*.ckpt"))
+
+
+def test_build_zoo_publishes_a_gpu_session_bundle(run, tmp_path, monkeypatch):
+    """``build_zoo.py --from-bundle``: the device returns full weights, args and the cell's
+    record; the backbone file is cut from the full one and the entry loads back."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "build_zoo.py"
+    spec = importlib.util.spec_from_file_location("build_zoo", script)
+    build_zoo = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "build_zoo", build_zoo)  # its dataclasses look it up
+    spec.loader.exec_module(build_zoo)
+
+    model, ckpt, args = run
+    entry = "simclr-deepfusion-r18-cifar10-gpu"  # a recipe the manifest entry can name
+    folder = tmp_path / "bundle" / "export" / entry
+    export_checkpoint(ckpt, args, folder, name=entry)
+    (folder / f"{entry}.backbone.safetensors").unlink()  # the device does not send it
+    record = {
+        "metrics": {"online_linear_acc1": 0.5, "knn_k20_acc1": 0.25, "feature_linear_acc1": 0.4},
+        "budget": {"epochs": 3},
+        "cost": {"train_seconds": 12.0},
+        "env": {"commit": "0123abc"},
+    }
+    (folder / "cell.json").write_text(json.dumps(record))
+    zoo_dir = tmp_path / "zoo"
+    assert build_zoo.publish_bundle(tmp_path / "bundle", zoo_dir, [], tmp_path / "work") == 0
+
+    (published,) = yaml.safe_load((zoo_dir / "manifest.yaml").read_text())["models"]
+    assert published["code_commit"] == "0123abc" and published["epochs"] == model.cfg.max_epochs
+    values = {
+        (m["protocol"]["kind"], m["protocol"].get("k")): m["value"] for m in published["metrics"]
+    }
+    assert values == {
+        ("online_linear", None): 50.0,
+        ("knn", 20): 25.0,
+        ("feature_linear", None): 40.0,
+    }
+    args_json = json.loads((zoo_dir / "files" / entry / f"{entry}.args.json").read_text())
+    assert args_json["data"]["train_path"] == "datasets/cifar10/train"  # no machine path
+    backbone = hub.load_backbone(entry, manifest=zoo_dir / "manifest.yaml", progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(images()), model.backbone(images()), **HALF_TOL)
+    assert (zoo_dir / "cards" / f"{entry}.md").is_file()
