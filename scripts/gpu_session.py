@@ -209,6 +209,19 @@ def bundle_members(work: Path, arms: Sequence[Arm], returned: Sequence[str] = ()
     return [m for m in members if m.is_file()]
 
 
+def returned_entries(
+    members: Sequence[Path], left_out: Sequence[Path], work: Path, returned: Sequence[str]
+) -> list[str]:
+    """The entries (``export/<name>``) whose full weights have now come back, this call's
+    included; an entry whose record went back but whose weights did not is not among them."""
+    sent = {
+        m.relative_to(work).parent.as_posix()
+        for m in members
+        if m.name.endswith(".full.safetensors") and m not in left_out
+    }
+    return sorted({*returned, *sent})
+
+
 def pack(
     members: Sequence[Path], root: Path, out: Path, limit: int = MAX_BUNDLE_BYTES
 ) -> tuple[list[Path], list[Path]]:
@@ -476,8 +489,7 @@ def run(args: argparse.Namespace, scale: Scale, deadline: float) -> int:
     returned = state.get("returned") or []
     members = bundle_members(work, arms, returned)
     parts, left_out = pack(members, work, out)
-    sent = {m.relative_to(work).parent.as_posix() for m in members if m not in left_out}
-    state.record("returned", sorted({*returned, *(p for p in sent if p.startswith("export/"))}))
+    state.record("returned", returned_entries(members, left_out, work, returned))
     for name in ("report.md",):
         if (work / name).is_file():
             (out / name).write_bytes((work / name).read_bytes())

@@ -153,3 +153,11 @@ def test_dry_run_prints_wheels_plan_and_time_per_part(session, tmp_path, capsys)
     assert "wheels (1, 2.0 MiB)" in text and "solo_learn-1.0.6-py3-none-any.whl" in text
     assert "train+eval mlp" in text and "train+eval default" in text
     assert "sized again from the throughput measured" in text
+
+
+def test_an_entry_counts_as_returned_only_once_its_weights_went_back(session, tmp_path):
+    entry = tmp_path / "export" / "e"
+    record, weights = entry / "cell.json", entry / "e.full.safetensors"
+    first = session.returned_entries([record, weights], [weights], tmp_path, [])
+    assert first == []  # the record went back, the weights did not fit: the next call sends them
+    assert session.returned_entries([record, weights], [], tmp_path, first) == ["export/e"]
