@@ -91,5 +91,5 @@ print("python", sys.version.split()[0], "torch", torch.__version__, "lightning",
   echo "rehearsal passed"
 }
 
-main 2>&1 | sed -u -e "s#$stage#<stage>#g" -e "s#$repo#<repo>#g" -e "s#$HOME#~#g" | tee "$log"
+main 2>&1 | sed -u -e "s#$venv#<venv>#g" -e "s#$stage#<stage>#g" -e "s#$repo#<repo>#g" -e "s#$HOME#~#g" | tee "$log"
 exit "${PIPESTATUS[0]}"
