@@ -67,6 +67,8 @@ ARMS = (
     ),
     # The strongest control of the attention study: the default with fixed uniform mixing.
     Arm("mixing_mean", "transformer:lr_scale=0.1,mixing=mean,preset=stable_bn"),
+    # ... and with no mixing at all: every token sees only itself.
+    Arm("mixing_none", "transformer:lr_scale=0.1,mixing=none,preset=stable_bn"),
 )
 
 

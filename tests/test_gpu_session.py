@@ -37,8 +37,11 @@ def test_epochs_fill_the_time_left_after_overheads(session):
 
 def test_the_control_arm_runs_only_when_every_arm_gets_enough_epochs(session):
     scale = session.SCALES["full"]
-    arms, epochs = session.choose_arms(1000, 5.0, scale)  # (850 - 30 - 180) / 15
-    assert [a.label for a in arms] == ["mlp", "default", "mixing_mean"] and epochs == 42
+    arms, epochs = session.choose_arms(1000, 5.0, scale)  # (850 - 30 - 240) / 20
+    assert [a.label for a in arms] == ["mlp", "default", "mixing_mean", "mixing_none"]
+    assert epochs == 29
+    arms, epochs = session.choose_arms(550, 5.0, scale)  # 4 arms: 9 epochs; 3: (467.5-210)/15
+    assert [a.label for a in arms] == ["mlp", "default", "mixing_mean"] and epochs == 17
     arms, epochs = session.choose_arms(540, 10.0, scale)  # 3 arms: 8 epochs; 2: 15
     assert [a.label for a in arms] == ["mlp", "default"] and epochs == 15
     arms, epochs = session.choose_arms(400, 10.0, scale)  # 2 arms: 9, under min_epochs
