@@ -79,8 +79,10 @@ class Scale:
     batch_size: int = 512
     train_per_class: int | None = None
     val_per_class: int | None = None
-    warmup_steps: int = 10
-    timed_steps: int = 30
+    # Past the loader's prefetch (workers x 2 batches): the first session timed 30 steps after 10
+    # and read "GPU-bound" where its epochs were loader-bound (benchmarks/gpu/README.md).
+    warmup_steps: int = 40
+    timed_steps: int = 100
     min_epochs: int = 10
     max_epochs: int = 400
     cell_overhead_s: float = 60.0  # per cell: start-up, evaluation, checkpoint export
@@ -106,7 +108,7 @@ SCALES = {
 # Before anything is measured: a guess, for --dry-run only.
 ASSUMED_IMAGES_PER_S = 8000.0
 ASSUMED_SETUP_S = 40.0
-ASSUMED_THROUGHPUT_S = 90.0
+ASSUMED_THROUGHPUT_S = 120.0
 
 
 def pretrain_overrides(scale: Scale, workers: int) -> list[str]:
