@@ -3,16 +3,14 @@ manifest and mirrors from ``$SOLO_DEEPFUSION_ZOO_MIRRORS``: host-free."""
 
 from __future__ import annotations
 
-import functools
-import http.server
 import shutil
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from loopback import RecordingServer, serving
 from PIL import Image
 from torchvision.transforms import functional as F
 
@@ -25,37 +23,11 @@ ZOO = REPO / "zoo"
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261)  # solo-learn's
 
 
-class RecordingServer(http.server.ThreadingHTTPServer):
-    """Serves a folder on 127.0.0.1 and records the paths it was asked for."""
-
-    def __init__(self, folder: Path) -> None:
-        handler = functools.partial(QuietHandler, directory=str(folder))
-        super().__init__(("127.0.0.1", 0), handler)
-        self.paths: list[str] = []
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def do_GET(self) -> None:
-        self.server.paths.append(self.path)
-        super().do_GET()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 @pytest.fixture
 def zoo_files_server() -> Iterator[RecordingServer]:
     """The checkout's ``zoo/files`` over loopback HTTP: a mirror of the ``files/`` layout."""
-    server = RecordingServer(ZOO / "files")
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with serving(ZOO / "files") as server:
+        yield server
 
 
 def installed_zoo(root: Path) -> Path:
