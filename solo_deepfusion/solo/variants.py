@@ -56,7 +56,11 @@ def projectors() -> tuple[str, ...]:
 
 def projector_keys(projector: str) -> tuple[str, ...]:
     """A variant's projector config keys: the head's registered fields and the variant's."""
-    return ("name", *projector_entry(projector).fields, *NON_HEAD_KEYS)
+    fields = projector_entry(projector).fields
+    clash = sorted(set(fields) & {"name", *NON_HEAD_KEYS})
+    if clash:
+        raise ValueError(f"projector {projector!r}: field(s) {clash} are the variant's own keys")
+    return ("name", *fields, *NON_HEAD_KEYS)
 
 
 def projector_defaults(projector: str) -> dict[str, Any]:

@@ -4,6 +4,7 @@ and the bench."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, distribution
 
 import pytest
@@ -20,7 +21,12 @@ from solo_deepfusion.heads import register_projector, registry
 from solo_deepfusion.solo import HEAD_METHODS, bench, launch, register
 from solo_deepfusion.solo.model import build_model
 from solo_deepfusion.solo.param_groups import HEAD_GROUP
-from solo_deepfusion.solo.variants import projector_defaults, projectors
+from solo_deepfusion.solo.variants import (
+    OPTIMIZER_KEYS,
+    projector_defaults,
+    projector_keys,
+    projectors,
+)
 
 pytestmark = pytest.mark.host
 EXAMPLE = "solo-deepfusion-batchattn"
@@ -39,6 +45,11 @@ requires_example = pytest.mark.skipif(
     reason=f"the example plugin {EXAMPLE} is not installed: "
     "pip install --no-deps --no-build-isolation examples/batchattn",
 )
+
+
+@dataclass(frozen=True)
+class SmallCrops:
+    small_crops: bool = True
 
 
 class CallRecorder(nn.Module):
@@ -94,9 +105,14 @@ def test_every_registered_head_gets_its_optimizer_group(projector, late_head):
     assert group["lr"] == pytest.approx(0.5 * model.lr) and group["weight_decay"] == 0.0
 
 
-def test_registered_optimizer_defaults_are_the_variants():
+def test_registered_optimizer_defaults_are_the_variants(monkeypatch):
+    assert registry.OPTIMIZER_FIELDS == OPTIMIZER_KEYS  # the host-free copy of the keys
     assert projector_defaults("transformer")["lr_scale"] == 0.1
     assert "lr_scale" not in projector_defaults("mlp_matched")
+    monkeypatch.setattr(registry, "_PROJECTORS", dict(registry._PROJECTORS))
+    register_projector("clash", config=SmallCrops)(lambda f, h, o: nn.Linear(f, o))
+    with pytest.raises(ValueError, match=r"'clash': field\(s\) \['small_crops'\] are the"):
+        projector_keys("clash")
 
 
 @requires_example
