@@ -9,7 +9,8 @@ For each entry ``zoo/recipes/<entry>.yaml``:
 3. export the zoo files (:func:`solo_deepfusion.solo.zoo.export_checkpoint`) into
    ``<zoo>/files/<entry>/`` and measure their sizes and SHA-256;
 4. write the manifest entry into ``<zoo>/manifest.yaml`` (validated, atomic), with the metrics
-   and how they were measured, parameter counts, date and ``git rev-parse HEAD``.
+   and how they were measured, the preprocessing the backbone expects (solo-learn's evaluation
+   transform of the dataset), parameter counts, date and ``git rev-parse HEAD``.
 
 Usage::
 
@@ -18,6 +19,7 @@ Usage::
     python scripts/build_zoo.py --check                     # retrain, compare, write nothing
     python scripts/build_zoo.py --smoke --work /tmp/z       # 1 epoch on 300 images, zoo in /tmp/z
     python scripts/build_zoo.py --from-bundle <dir>         # publish a GPU session's entries
+    python scripts/build_zoo.py --preprocessing            # (re)record it, then the cards
 
 ``--from-bundle`` publishes what ``scripts/gpu_session.sh`` brought back (``cat bundle.tar.* |
 tar -x -C <dir>``): each exported entry's full weights and args, and the record of the session's
@@ -61,6 +63,8 @@ ROLES = ("backbone", "full", "args")
 LINEAR_RECIPE = "cifar10_linear_quick"
 KNN_K = (20, 200)
 KNN_TEMPERATURE = 0.07
+# Image size of datasets whose evaluation transform does not resize (solo-learn's CIFAR one).
+NATIVE_SIZE = {"cifar10": 32, "cifar100": 32}
 SMOKE_PER_CLASS = {"train": 30, "test": 10}
 # --smoke: one epoch on the cut-down data (all of it: no fraction), validated once.
 SMOKE_PRETRAIN = ["max_epochs=1", "data.fraction=-1", "check_val_every_n_epoch=1"]
@@ -202,6 +206,42 @@ def backbone_record(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"name": cfg["backbone"]["name"], "kwargs": cfg["backbone"]["kwargs"], "stem": stem}
 
 
+def preprocessing_record(cfg: dict[str, Any]) -> dict[str, Any]:
+    """What the backbone saw at evaluation: solo-learn's validation transform of the dataset
+    (its last resize or crop, else the images' own size) and the backbone's stem."""
+    from solo.data.classification_dataloader import prepare_transforms
+    from torchvision import transforms
+
+    dataset = cfg["data"]["dataset"]
+    steps = prepare_transforms(dataset)[1].transforms
+    (normalize,) = (t for t in steps if isinstance(t, transforms.Normalize))
+    sized = [t.size for t in steps if isinstance(t, transforms.Resize | transforms.CenterCrop)]
+    size = sized[-1] if sized else NATIVE_SIZE[dataset]
+    height, width = (size, size) if isinstance(size, int) else size
+    resizes = [t for t in steps if isinstance(t, transforms.Resize)]
+    return {
+        "input_size": [3, height, width],
+        "mean": [float(v) for v in normalize.mean],
+        "std": [float(v) for v in normalize.std],
+        "interpolation": resizes[0].interpolation.value if resizes else "bilinear",
+        "stem": backbone_record(cfg)["stem"],
+    }
+
+
+def record_preprocessing(manifest: Path) -> None:
+    """(Re)write every entry's ``preprocessing`` from the config in its ``args`` file."""
+    doc = yaml.safe_load(manifest.read_text())
+    for entry in doc["models"]:
+        args = next(f for f in entry["files"] if f["role"] == "args")
+        cfg = json.loads((manifest.parent / args["urls"][0]).read_text())
+        record = {k: v for k, v in entry.items() if k != "preprocessing"}
+        at = list(record).index("backbone") + 1  # where manifest_entry puts it
+        items = list(record.items())
+        items.insert(at, ("preprocessing", preprocessing_record(cfg)))
+        update_manifest(manifest, dict(items))
+        print(f"recorded the preprocessing of {entry['name']} in {manifest}")
+
+
 def dataset_label(cfg: dict[str, Any]) -> str:
     """``cifar10``, or ``cifar10 (20%)`` when the recipe trains on a fraction."""
     fraction = cfg["data"].get("fraction", -1)
@@ -231,6 +271,7 @@ def manifest_entry(
         "method": base_method(cfg["method"]),
         "projector": projector,
         "backbone": backbone_record(cfg),
+        "preprocessing": preprocessing_record(cfg),
         "dataset": dataset_label(cfg),
         "epochs": cfg["max_epochs"],
         "recipe": (RECIPES / f"{build.name}.yaml").relative_to(REPO).as_posix(),
@@ -442,6 +483,7 @@ def model_card(entry: dict[str, Any]) -> str:
 | method | {entry["method"]} |
 | projector | {", ".join(f"{k}={v}" for k, v in entry["projector"].items())} |
 | backbone | {", ".join(f"{k}={v}" for k, v in entry["backbone"].items())} |
+| preprocessing | {", ".join(f"{k}={v}" for k, v in entry.get("preprocessing", {}).items())} |
 | dataset | {entry["dataset"]} |
 | epochs | {entry["epochs"]} |
 | parameters | {counts} |
@@ -464,10 +506,14 @@ def model_card(entry: dict[str, Any]) -> str:
 ## Use
 
 ```python
-from solo_deepfusion.hub import load_backbone
+from solo_deepfusion.hub import eval_transform, load_backbone
 
 backbone = load_backbone("{name}")  # verified download; images -> 512-d
+transform = eval_transform("{name}")  # the preprocessing above
+features = backbone(transform(image)[None])
 ```
+
+`backbone.pretrained_cfg` carries the preprocessing above (timm's convention).
 
 `solo-deepfusion zoo download {name}`, `... zoo verify {name}`, `... zoo export {name} DIR`
 (a solo-learn checkpoint folder). Rebuild from scratch and compare with
@@ -503,14 +549,22 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--from-bundle", type=Path, help="publish a GPU session's unpacked bundle folder"
     )
+    parser.add_argument(
+        "--preprocessing",
+        action="store_true",
+        help="only (re)record every entry's preprocessing from its args file, then the cards",
+    )
     return parser.parse_args(list(argv))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Build (or ``--check``) the requested entries; the exit status."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    if args.cards:
-        write_cards((args.zoo or REPO / "zoo").resolve() / "manifest.yaml")
+    if args.cards or args.preprocessing:
+        manifest = (args.zoo or REPO / "zoo").resolve() / "manifest.yaml"
+        if args.preprocessing:
+            record_preprocessing(manifest)
+        write_cards(manifest)
         return 0
     if args.from_bundle:
         work = (args.work or Path(tempfile.mkdtemp(prefix="build_zoo-"))).resolve()

@@ -6,10 +6,30 @@ Example::
     mlp = build_projector("mlp", 512, 2048, 256, layout="byol")
     twin = build_projector("mlp_matched", 512, 2048, 256, preset="paper")  # same #params
 
-New heads register with the decorator::
+A head is a registration: a builder, a dataclass of the fields a recipe may set, and declared
+properties. The solo-learn integration derives ``--projector <name>``, the ``<method>_<name>``
+variants, the ``projector`` config group, the bench's checks and the contract tests from it::
 
-    @register_projector("my_head", config=MyHeadFields)   # a dataclass of its config
-    def my_head(in_dim, hidden_dim, out_dim, **cfg) -> nn.Module: ...
+    @register_projector("my_head", config=MyHeadFields, joint_context=True)
+    def my_head(in_dim, hidden_dim, out_dim, **fields) -> nn.Module: ...
+
+The head contract (``docs/heads.md``):
+
+- ``build(in_dim, hidden_dim, out_dim, **fields)``: ``fields`` are the config's (its non-``None``
+  defaults filled in); ``hidden_dim`` and ``out_dim`` are the recipe's ``proj_hidden_dim`` and
+  ``proj_output_dim``. The module maps ``(T, in_dim)`` features to ``(T, out_dim)``.
+- ``joint_context``: ``True`` (or a predicate of the built head) has the head called once per
+  training step as ``head(x, num_views=V)`` on every large crop's features, view-major (rows
+  ``v * B`` to ``(v + 1) * B - 1`` are crop ``v``; row ``i`` of each crop is the same image).
+  Otherwise it is called as ``head(x)`` once per crop of ``B`` rows.
+- ``return_attention``: only the ``transformer`` head is asked for ``(out, maps)`` (the fusion
+  and collapse monitors, ``analyze``); every other head opts out of those monitors.
+- ``optimizer``: defaults of the head's optimizer group (``lr_scale``, ``weight_decay``,
+  ``lars``; :mod:`solo_deepfusion.solo.param_groups`), which every registered head has.
+
+Heads from other packages register in the entry-point group :data:`ENTRY_POINT_GROUP`; its
+modules are imported the first time the registry is read. A head registered later still
+reaches ``solo_deepfusion.solo``: its variants are added whenever one is asked for.
 """
 
 from __future__ import annotations
@@ -17,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from typing import Any
 
 from torch import nn
@@ -31,18 +52,30 @@ from solo_deepfusion.heads.transformer import TransformerProjector
 from solo_deepfusion.validation import check_choice
 
 ProjectorBuilder = Callable[..., nn.Module]
+JointContext = bool | Callable[[nn.Module], bool]
+ENTRY_POINT_GROUP = "solo_deepfusion.projectors"
+OPTIMIZER_FIELDS = ("lr_scale", "weight_decay", "lars")
 
 
 @dataclass(frozen=True)
 class ProjectorEntry:
-    """A registered head: its builder and the config keys a recipe may set (with defaults)."""
+    """A registered head: its builder, the config keys a recipe may set (with defaults), whether
+    it wants the joint context and its optimizer group's defaults."""
 
     build: ProjectorBuilder
     fields: tuple[str, ...] = ()
     defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    joint_context: JointContext = False
+    optimizer: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def wants_joint_context(self, head: nn.Module) -> bool:
+        """Whether ``head``, built by this entry, is called once over every view."""
+        joint = self.joint_context
+        return bool(joint(head) if callable(joint) else joint)
 
 
 _PROJECTORS: dict[str, ProjectorEntry] = {}
+_plugins_loaded = False
 
 
 @dataclass(frozen=True)
@@ -104,35 +137,75 @@ def transformer_config(preset: str = DEFAULT_PRESET, **overrides: Any) -> Transf
 
 
 def register_projector(
-    name: str, *, config: type | None = None
+    name: str,
+    *,
+    config: type | None = None,
+    joint_context: JointContext = False,
+    optimizer: Mapping[str, Any] | None = None,
 ) -> Callable[[ProjectorBuilder], ProjectorBuilder]:
     """Decorator adding a builder ``fn(in_dim, hidden_dim, out_dim, **cfg)`` under ``name``.
 
     ``config`` is a dataclass of what a recipe may set (``projector.<field>``); its non-``None``
-    defaults are filled in when a recipe sets none. The solo-learn integration derives its
-    variants, config group and checks from it.
+    defaults are filled in when a recipe sets none. ``joint_context`` is ``True`` for a head that
+    mixes samples across views (or a predicate of the built head), ``optimizer`` the defaults of
+    its optimizer group (keys among :data:`OPTIMIZER_FIELDS`). The solo-learn integration
+    derives its variants, config group and checks from the registration.
     """
     fields = dataclasses.fields(config) if config is not None else ()
     names = tuple(f.name for f in fields)
     defaults = {f.name: f.default for f in fields if f.default is not None}
+    if not isinstance(joint_context, bool) and not callable(joint_context):
+        raise ValueError(f"joint_context={joint_context!r}; choose True, False or a predicate")
+    unknown = sorted(set(optimizer or {}) - set(OPTIMIZER_FIELDS))
+    if unknown:
+        raise ValueError(f"optimizer field(s) {unknown}; choose from {list(OPTIMIZER_FIELDS)}")
+    clash = sorted(set(names) & set(OPTIMIZER_FIELDS))
+    if clash:
+        raise ValueError(f"config field(s) {clash} of {name!r} are the optimizer group's keys")
+    options = dict(optimizer or {})
 
     def add(fn: ProjectorBuilder) -> ProjectorBuilder:
         if name in _PROJECTORS and _PROJECTORS[name].build is not fn:
             raise ValueError(f"projector {name!r} is already registered")
-        _PROJECTORS[name] = ProjectorEntry(fn, names, defaults)
+        _PROJECTORS[name] = ProjectorEntry(fn, names, defaults, joint_context, options)
         return fn
 
     return add
 
 
+def load_plugins() -> None:
+    """Import the modules of the entry-point group :data:`ENTRY_POINT_GROUP` (once).
+
+    A plugin package declares, in its ``pyproject.toml``::
+
+        [project.entry-points."solo_deepfusion.projectors"]
+        my_head = "my_package.heads"   # a module that calls register_projector
+    """
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            ep.load()
+        except Exception as err:
+            raise ImportError(
+                f"projector plugin {ep.name!r} ({ep.value}) failed to load: "
+                f"{type(err).__name__}: {err}"
+            ) from err
+
+
 def projector_entry(name: str) -> ProjectorEntry:
     """The registration of ``name`` (``ValueError`` lists the known ones)."""
+    load_plugins()
     if name not in _PROJECTORS:
         raise ValueError(f"unknown projector {name!r}; known projectors: {list_projectors()}")
     return _PROJECTORS[name]
 
 
 def list_projectors() -> list[str]:
+    """Every registered head's name, installed plugins' included."""
+    load_plugins()
     return sorted(_PROJECTORS)
 
 
@@ -172,7 +245,14 @@ class MLPFields:
     output_norm: str = "none"
 
 
-@register_projector("transformer", config=TransformerFields)
+# Trained at a tenth of its stock group's lr: at the full lr of solo-learn's LARS recipes,
+# pre-norm heads diverge under Barlow Twins and VICReg (benchmarks/stability).
+@register_projector(
+    "transformer",
+    config=TransformerFields,
+    joint_context=lambda head: head.context == "joint",
+    optimizer={"lr_scale": 0.1},
+)
 def transformer(
     in_dim: int,
     hidden_dim: int,

@@ -8,11 +8,12 @@
 >>> state, entry = hub.load_backbone_state(entry.name)    # float32 tensors
 >>> [str(r) for r in hub.verify()]                        # ok / missing / corrupted
 >>> backbone = hub.load_backbone(entry.name)              # nn.Module: images -> features
+>>> backbone.pretrained_cfg["input_size"], hub.eval_transform(entry.name)  # its preprocessing
 >>> model = hub.load_model(entry.name)                    # the whole solo-learn model
 >>> folder = hub.export_solo(entry.name, "solo_ckpts")    # for solo-learn's main_linear/main_knn
 
-Importing this package does not import torch (the weight helpers and ``load_backbone`` load it
-on first use). ``load_backbone`` needs torch and torchvision only; ``load_model`` and
+Importing this package does not import torch (the weight helpers, ``load_backbone`` and
+``eval_transform`` load it on first use). Those need torch and torchvision only; ``load_model`` and
 ``export_solo`` come from :mod:`solo_deepfusion.solo.zoo` on first use and need solo-learn.
 """
 
@@ -38,7 +39,7 @@ from .verify import VerifyResult, verify
 if TYPE_CHECKING:
     from solo_deepfusion.solo.zoo import export_solo, load_model
 
-    from .backbones import load_backbone
+    from .backbones import eval_transform, load_backbone
     from .weights import load_backbone_state, load_state_dict, read_metadata, save_state_dict
 
 # name -> module that defines it, imported on first use (torch; solo-learn for the last two)
@@ -48,6 +49,7 @@ _LAZY = {
     "read_metadata": "solo_deepfusion.hub.weights",
     "save_state_dict": "solo_deepfusion.hub.weights",
     "load_backbone": "solo_deepfusion.hub.backbones",
+    "eval_transform": "solo_deepfusion.hub.backbones",
     "load_model": "solo_deepfusion.solo.zoo",
     "export_solo": "solo_deepfusion.solo.zoo",
 }
@@ -64,6 +66,7 @@ __all__ = [
     "ZooFile",
     "cached_path",
     "download",
+    "eval_transform",
     "export_solo",
     "get_entry",
     "is_offline",

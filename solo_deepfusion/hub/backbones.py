@@ -1,7 +1,9 @@
 """Zoo backbones for plain PyTorch: torchvision ResNets with the stem the entry records.
 
 >>> backbone = load_backbone("simclr-r18-cifar10-cpu")   # verified download; images -> 512-d
->>> features = backbone(images)                          # (B, 3, H, W) -> (B, 512)
+>>> backbone.pretrained_cfg["mean"], backbone.pretrained_cfg["input_size"]
+((0.4914, 0.4822, 0.4465), (3, 32, 32))
+>>> features = backbone(eval_transform("simclr-r18-cifar10-cpu")(image)[None])  # (1, 512)
 
 Needs torch and torchvision only: solo-learn builds its ResNets from torchvision's, drops ``fc``
 and, for the CIFAR stem, swaps ``conv1`` and ``maxpool`` (``solo/methods/base.py``); this module
@@ -15,6 +17,7 @@ from typing import Any
 
 import torchvision
 from torch import nn
+from torchvision import transforms
 
 from .download import download
 from .manifest import PathLike, ZooEntry, get_entry
@@ -63,13 +66,41 @@ def load_backbone(
     """The entry's backbone with its verified weights, loaded strictly, float32, in eval mode.
 
     Built from the entry's ``backbone`` record (name, kwargs, stem) without solo-learn. Files
-    come verified from the cache (see :func:`solo_deepfusion.hub.download`).
+    come verified from the cache (see :func:`solo_deepfusion.hub.download`). Its
+    ``pretrained_cfg`` (timm's convention) says what input it expects: see
+    :func:`eval_transform`.
     """
     entry = name if isinstance(name, ZooEntry) else get_entry(name, manifest)
+    backbone = entry_backbone(entry)
+    path = download(entry, role="backbone", cache_dir=cache_dir, offline=offline, progress=progress)
+    backbone.load_state_dict(upcast(load_state_dict(path)), strict=True)
+    return backbone.eval()
+
+
+def entry_backbone(entry: ZooEntry) -> nn.Module:
+    """The entry's architecture (untrained), with the entry's ``pretrained_cfg`` attached."""
     record = entry.backbone
     if "name" not in record or "stem" not in record:
         raise ValueError(f"zoo entry {entry.name!r}: its backbone record lacks name or stem")
     backbone = build_resnet(record["name"], record["stem"], record.get("kwargs"))
-    path = download(entry, role="backbone", cache_dir=cache_dir, offline=offline, progress=progress)
-    backbone.load_state_dict(upcast(load_state_dict(path)), strict=True)
-    return backbone.eval()
+    backbone.pretrained_cfg = entry.pretrained_cfg
+    return backbone
+
+
+def eval_transform(name: str | ZooEntry, *, manifest: PathLike | None = None) -> Callable:
+    """The torchvision transform of the entry's preprocessing, PIL image -> normalised tensor:
+    resize the shorter side, centre-crop to ``input_size``, scale to [0, 1], normalise."""
+    entry = name if isinstance(name, ZooEntry) else get_entry(name, manifest)
+    p = entry.preprocessing
+    if not p:
+        raise ValueError(f"zoo entry {entry.name!r} records no preprocessing (manifest field)")
+    _, height, width = p["input_size"]
+    mode = transforms.InterpolationMode(p["interpolation"])
+    return transforms.Compose(
+        [
+            transforms.Resize(height if height == width else (height, width), interpolation=mode),
+            transforms.CenterCrop((height, width)),
+            transforms.ToTensor(),
+            transforms.Normalize(p["mean"], p["std"]),
+        ]
+    )

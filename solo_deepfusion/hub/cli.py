@@ -82,12 +82,15 @@ def aligned_columns(rows: list[list[str]]) -> str:
 
 
 def entry_document(entry: ZooEntry) -> dict[str, Any]:
-    """An entry as the plain mapping ``info`` prints (manifest fields, sizes made readable)."""
+    """An entry as the plain mapping ``info`` prints (manifest fields, sizes made readable, the
+    model card's path where there is one)."""
+    card = Path(entry.manifest_dir or ".") / "cards" / f"{entry.name}.md"
     return {
         "name": entry.name,
         "method": entry.method,
         "projector": entry.projector,
         "backbone": entry.backbone,
+        "preprocessing": entry.preprocessing or "not recorded",
         "dataset": entry.dataset,
         "epochs": entry.epochs,
         "recipe": entry.recipe,
@@ -108,6 +111,7 @@ def entry_document(entry: ZooEntry) -> dict[str, Any]:
         "license": entry.license,
         "date": entry.date,
         "code_commit": entry.code_commit,
+        **({"card": str(card)} if card.is_file() else {}),
     }
 
 

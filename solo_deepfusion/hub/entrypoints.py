@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from .backbones import build_resnet, load_backbone
+from .backbones import entry_backbone, load_backbone
 from .manifest import PathLike, ZooEntry, load_manifest
 
 
@@ -45,8 +45,7 @@ def entrypoint(entry: ZooEntry) -> Callable[..., nn.Module]:
     def factory(*, pretrained: bool = True, **kwargs: Any) -> nn.Module:
         if pretrained:
             return load_backbone(entry, **kwargs)
-        record = entry.backbone
-        return build_resnet(record["name"], record["stem"], record.get("kwargs")).eval()
+        return entry_backbone(entry).eval()
 
     factory.__name__ = factory.__qualname__ = hub_name(entry.name)
     factory.__doc__ = _describe(entry)

@@ -1,9 +1,16 @@
 """The zoo manifest: ``zoo/manifest.yaml`` parsed into :class:`ZooEntry` objects.
 
 >>> from solo_deepfusion.hub.manifest import list_models, load_manifest
->>> entries = load_manifest()  # repo zoo/manifest.yaml, or $SOLO_DEEPFUSION_ZOO_MANIFEST
+>>> entries = load_manifest()  # $SOLO_DEEPFUSION_ZOO_MANIFEST, a checkout's, or the installed one
 >>> sorted(entries) == list_models()
 True
+
+``zoo/`` of a checkout is the one source: a wheel carries a copy of its manifest, schema and
+cards as ``solo_deepfusion/hub/zoo/`` (``setup.py`` copies them at build time), without the
+weights. A file's relative URL (``files/<entry>/<file>``) is thus a checkout's first mirror;
+``$SOLO_DEEPFUSION_ZOO_MIRRORS`` adds mirrors of that ``files/`` layout to every file
+(``https://``, ``hf://<repo>@<revision>``, ``file:///``, loopback ``http://``), tried after the
+manifest's own URLs.
 
 Every load is validated against ``zoo/manifest.schema.json`` (with ``jsonschema``) and then
 against rules a schema cannot state (URL policy, unique names, one file per role,
@@ -17,7 +24,7 @@ import datetime as _dt
 import difflib
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -29,10 +36,13 @@ from .errors import ManifestError, UnknownModelError
 from .urls import _check_rel_parts, parse_url
 
 ENV_MANIFEST = "SOLO_DEEPFUSION_ZOO_MANIFEST"
+ENV_MIRRORS = "SOLO_DEEPFUSION_ZOO_MIRRORS"
 ROLES = ("backbone", "full", "args")
 _ROLE_SUFFIX = {"backbone": ".safetensors", "full": ".safetensors", "args": ".json"}
-# The repo's zoo/ folder sits next to the package: <repo>/solo_deepfusion/hub/manifest.py.
+# A checkout's zoo/ folder sits next to the package: <repo>/solo_deepfusion/hub/manifest.py.
 REPO_ZOO_DIR = Path(__file__).resolve().parents[2] / "zoo"
+# What an installed wheel carries instead (no weights): <site-packages>/solo_deepfusion/hub/zoo.
+PACKAGED_ZOO_DIR = Path(__file__).resolve().parent / "zoo"
 
 PathLike = str | os.PathLike[str]
 SchemaError = tuple[tuple[Any, ...], str, str, Any]  # (path, message, keyword, detail)
@@ -76,6 +86,7 @@ class ZooEntry:
     method: str = ""
     projector: dict[str, Any] = field(default_factory=dict)
     backbone: dict[str, Any] = field(default_factory=dict)
+    preprocessing: dict[str, Any] = field(default_factory=dict)
     dataset: str = ""
     epochs: int = 0
     recipe: str = ""
@@ -94,11 +105,43 @@ class ZooEntry:
         have = ", ".join(f.role for f in self.files) or "none"
         raise ValueError(f"zoo entry {self.name!r} has no {role!r} file (it has: {have})")
 
+    @property
+    def pretrained_cfg(self) -> dict[str, Any]:
+        """timm's ``pretrained_cfg`` of the backbone: its architecture and its preprocessing
+        (``input_size``, ``mean``, ``std``, ``interpolation``, ``stem``; ``crop_pct`` 1)."""
+        cfg: dict[str, Any] = {
+            "architecture": self.backbone.get("name"),
+            "tag": self.name,
+            "num_classes": 0,
+            "license": self.license,
+        }
+        p = self.preprocessing
+        if p:
+            cfg.update(
+                input_size=tuple(p["input_size"]),
+                mean=tuple(p["mean"]),
+                std=tuple(p["std"]),
+                interpolation=p["interpolation"],
+                crop_pct=1.0,
+                crop_mode="center",
+                stem=p["stem"],
+            )
+        return cfg
+
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], manifest_dir: Path | None = None) -> ZooEntry:
-        """Build from one (already validated) manifest mapping."""
+    def from_dict(
+        cls, d: Mapping[str, Any], manifest_dir: Path | None = None, mirrors: Sequence[str] = ()
+    ) -> ZooEntry:
+        """Build from one (already validated) manifest mapping; each base URL of ``mirrors``
+        adds ``<base>/<name>/<filename>`` to every file's URLs, after the manifest's."""
         files = tuple(
-            ZooFile(f["role"], f["filename"], int(f["size"]), f["sha256"], tuple(f["urls"]))
+            ZooFile(
+                f["role"],
+                f["filename"],
+                int(f["size"]),
+                f["sha256"],
+                (*f["urls"], *(f"{base}/{d['name']}/{f['filename']}" for base in mirrors)),
+            )
             for f in d["files"]
         )
         metrics = tuple(
@@ -110,6 +153,7 @@ class ZooEntry:
             method=d["method"],
             projector=dict(d["projector"]),
             backbone=dict(d["backbone"]),
+            preprocessing=dict(d.get("preprocessing", {})),
             dataset=d["dataset"],
             epochs=int(d["epochs"]),
             recipe=d["recipe"],
@@ -125,29 +169,46 @@ class ZooEntry:
 # ----------------------------------------------------------------------------- locating files
 
 
-def repo_zoo_dir() -> Path:
-    """``<repo>/zoo``; a :class:`ManifestError` explains when the package is not in a checkout."""
-    if not (REPO_ZOO_DIR / "manifest.schema.json").is_file():
-        raise ManifestError(
-            f"the zoo folder was not found at {REPO_ZOO_DIR} (expected next to the "
-            "solo_deepfusion package, i.e. a source checkout / editable install). "
-            f"Install from the repository, or set ${ENV_MANIFEST} to a manifest.yaml."
-        )
-    return REPO_ZOO_DIR
+def zoo_dir() -> Path:
+    """A checkout's ``zoo/``, else the copy installed with the package (one-line
+    :class:`ManifestError` when neither is there)."""
+    for folder in (REPO_ZOO_DIR, PACKAGED_ZOO_DIR):
+        if (folder / "manifest.schema.json").is_file():
+            return folder
+    raise ManifestError(
+        f"no zoo manifest at {REPO_ZOO_DIR} (a checkout) nor {PACKAGED_ZOO_DIR} (an install); "
+        f"reinstall solo-deepfusion, or set ${ENV_MANIFEST} to a manifest.yaml"
+    )
 
 
 def default_manifest_path() -> Path:
-    """``$SOLO_DEEPFUSION_ZOO_MANIFEST`` if set, else the repo's ``zoo/manifest.yaml``."""
+    """``$SOLO_DEEPFUSION_ZOO_MANIFEST`` if set, else :func:`zoo_dir`'s ``manifest.yaml``."""
     env = os.environ.get(ENV_MANIFEST)
     if env:
         return Path(env).expanduser()
-    return repo_zoo_dir() / "manifest.yaml"
+    return zoo_dir() / "manifest.yaml"
 
 
 def load_schema() -> dict[str, Any]:
-    """The JSON schema ``zoo/manifest.schema.json``."""
-    with open(repo_zoo_dir() / "manifest.schema.json", encoding="utf-8") as fh:
+    """The JSON schema ``manifest.schema.json`` of :func:`zoo_dir`."""
+    with open(zoo_dir() / "manifest.schema.json", encoding="utf-8") as fh:
         return json.load(fh)
+
+
+def env_mirrors() -> tuple[str, ...]:
+    """The base URLs of ``$SOLO_DEEPFUSION_ZOO_MIRRORS`` (whitespace-separated), checked."""
+    bases = tuple(base.rstrip("/") for base in os.environ.get(ENV_MIRRORS, "").split())
+    for base in bases:
+        try:
+            kind = parse_url(f"{base}/x").kind
+        except ValueError as err:
+            raise ManifestError(f"${ENV_MIRRORS}: {err}") from None
+        if kind == "relative":
+            raise ManifestError(
+                f"${ENV_MIRRORS}: {base!r} is relative; give https://, hf://, file:/// or "
+                "loopback http:// base URLs"
+            )
+    return bases
 
 
 # ----------------------------------------------------------------------------- validation
@@ -217,6 +278,19 @@ def _format(doc: Any, err: SchemaError) -> str:
     return f"{where}: field {_dotted(rest) or '<root>'!r}: {message}"
 
 
+def _preprocessing_errors(m: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
+    """An entry's preprocessing against itself and its backbone, as ``(field, message)``."""
+    p = m.get("preprocessing")
+    if p is None:
+        return
+    channels = p["input_size"][0]
+    for key in ("mean", "std"):
+        if len(p[key]) != channels:
+            yield f"preprocessing.{key}", f"needs {channels} values (input_size[0])"
+    if p["stem"] != m["backbone"]["stem"]:
+        yield "preprocessing.stem", f"{p['stem']!r} differs from backbone.stem"
+
+
 def _semantic_errors(models: list[Mapping[str, Any]]) -> Iterator[tuple[int, str, str]]:
     """Rules beyond the schema, as ``(index, field, message)``."""
     seen: dict[str, int] = {}
@@ -229,6 +303,7 @@ def _semantic_errors(models: list[Mapping[str, Any]]) -> Iterator[tuple[int, str
             _check_rel_parts(m["recipe"], "recipe")
         except ValueError as e:
             yield i, "recipe", str(e)
+        yield from ((i, f, msg) for f, msg in _preprocessing_errors(m))
         for j, metric in enumerate(m["metrics"]):
             if metric["protocol"]["kind"] == "knn" and "k" not in metric["protocol"]:
                 yield i, f"metrics[{j}].protocol.k", "knn metrics must state k"
@@ -287,7 +362,8 @@ def read_yaml(stream: str | IO[str]) -> Any:
 def load_manifest(path: PathLike | None = None) -> dict[str, ZooEntry]:
     """Parse and validate a manifest; ``{name: entry}`` in manifest order.
 
-    ``path`` defaults to ``$SOLO_DEEPFUSION_ZOO_MANIFEST`` or the repo's ``zoo/manifest.yaml``.
+    ``path`` defaults to ``$SOLO_DEEPFUSION_ZOO_MANIFEST``, a checkout's ``zoo/manifest.yaml`` or
+    the installed copy; ``$SOLO_DEEPFUSION_ZOO_MIRRORS`` adds mirrors to every file.
     """
     p = Path(path).expanduser() if path is not None else default_manifest_path()
     if not p.is_file():
@@ -301,8 +377,8 @@ def load_manifest(path: PathLike | None = None) -> dict[str, ZooEntry]:
     except yaml.YAMLError as e:
         raise ManifestError(f"zoo manifest {p} is not valid YAML: {e}") from e
     validate_manifest(doc, str(p))
-    base = p.resolve().parent
-    return {m["name"]: ZooEntry.from_dict(m, manifest_dir=base) for m in doc["models"]}
+    base, mirrors = p.resolve().parent, env_mirrors()
+    return {m["name"]: ZooEntry.from_dict(m, base, mirrors) for m in doc["models"]}
 
 
 def list_models(manifest: PathLike | None = None) -> list[str]:

@@ -1,7 +1,10 @@
 """The solo-learn integration: the only package of solo-deepfusion that imports ``solo``.
 
-``register()`` adds ``<method>_transformer`` and ``<method>_mlp_matched`` to
-``solo.methods.METHODS`` for every method with a projection head.
+``register()`` adds ``<method>_<head>`` to ``solo.methods.METHODS`` for every method with a
+projection head and every registered head but ``mlp`` (``simclr_transformer``,
+``byol_mlp_matched``, installed plugins' heads). It runs on import and again wherever a variant
+is asked for (``pretrain``, ``build_model``, loading a run), so a head registered after this
+import is found too.
 """
 
 from solo_deepfusion._host import host_problem
@@ -16,11 +19,11 @@ from solo.methods import METHODS  # noqa: E402
 from solo_deepfusion.solo import variants  # noqa: E402
 from solo_deepfusion.solo.variants import (  # noqa: E402
     HEAD_METHODS,
-    PROJECTORS,
     base_method,
     make_variant,
     projector_config,
     projector_group_node,
+    projectors,
     variant_name,
 )
 
@@ -29,11 +32,12 @@ def register() -> list[str]:
     """Add every variant to ``solo.methods.METHODS`` and every head to Hydra's ``projector``
     config group (idempotent); return the variants' names."""
     store = ConfigStore.instance()
-    for projector in PROJECTORS:
+    heads = projectors()
+    for projector in heads:
         store.store(group="projector", name=projector, node=projector_group_node(projector))
     names = []
     for method in HEAD_METHODS:
-        for projector in PROJECTORS[1:]:
+        for projector in heads[1:]:
             name = variant_name(method, projector)
             if name not in METHODS:
                 cls = METHODS[name] = make_variant(method, projector)
@@ -47,9 +51,9 @@ register()
 
 __all__ = [
     "HEAD_METHODS",
-    "PROJECTORS",
     "base_method",
     "projector_config",
+    "projectors",
     "register",
     "variant_name",
 ]

@@ -19,27 +19,23 @@ import torch
 from solo.methods.base import BaseMethod, BaseMomentumMethod
 from torch import nn
 
-from solo_deepfusion.heads import TransformerProjector
-
 
 class ContextProjector(nn.Module):
     """A head plus the method's tail, able to serve precomputed joint-context outputs.
 
-    ``project(feats_per_crop)`` runs the head once on the concatenated crops (view-major) and
-    remembers each crop's rows; a later ``forward(feats)`` with one of those very tensors
-    returns its rows. Any other input (validation, small crops, evaluation) is projected on
-    its own, as one ``view``.
+    ``joint`` is what the head's registration declares (``register_projector(...,
+    joint_context=...)``). For a joint head, ``project(feats_per_crop)`` runs it once on the
+    concatenated crops (view-major) and remembers each crop's rows; a later ``forward(feats)``
+    with one of those very tensors returns its rows. Any other input (validation, small crops,
+    evaluation) is projected on its own, as one ``view``.
     """
 
-    def __init__(self, head: nn.Module, tail: nn.Module | None = None) -> None:
+    def __init__(self, head: nn.Module, tail: nn.Module | None = None, joint: bool = False) -> None:
         super().__init__()
         self.head = head
         self.tail = tail if tail is not None else nn.Identity()
+        self.joint = joint
         self._served: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    @property
-    def joint(self) -> bool:
-        return isinstance(self.head, TransformerProjector) and self.head.context == "joint"
 
     def project(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
         z = self.tail(self.head(torch.cat(feats), num_views=len(feats)))

@@ -12,8 +12,8 @@ The scheduler scales every group's lr by the same factor, so the head follows th
 warm-up and cosine decay at ``lr_scale`` times the lr of the group it came from (exactly so when
 ``scheduler.warmup_start_lr`` and ``scheduler.min_lr`` are 0; both are absolute lrs, the same
 for every group). With ``HeadOptimizer()`` nothing is moved: the stock groups are used as they
-are. The ``transformer`` variants default to ``lr_scale=0.1`` (``HEAD_OPTIMIZER_DEFAULTS`` in
-:mod:`solo_deepfusion.solo.variants`).
+are. Every ``<method>_<head>`` variant takes these keys; a head's registration may declare its
+defaults (``register_projector(..., optimizer={"lr_scale": 0.1})``, as ``transformer`` does).
 """
 
 from __future__ import annotations

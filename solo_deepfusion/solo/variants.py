@@ -1,11 +1,13 @@
-"""``<method>_transformer`` and ``<method>_mlp_matched``: solo-learn methods with another head.
+"""``<method>_<head>`` (``simclr_transformer``, ``byol_mlp_matched``, ...): solo-learn methods with
+another registered head.
 
 Each variant subclasses the stock method, lets it build everything as usual, then swaps the
 projector (DINO: ``head.mlp``) for the configured head, keeping the method's tail (whatever
 follows the stock projector's last ``Linear``: SimSiam's and MoCo v3's ``BatchNorm1d``,
 NNCLR's BN, VIbCReg's IterNorm), the recipe's ``proj_output_dim`` and, for momentum methods,
-an identical EMA copy of the head. The joint attention context comes from the mixins in
-:mod:`solo_deepfusion.solo.context`.
+an identical EMA copy of the head. Heads whose registration declares ``joint_context`` get the
+joint context from the mixins in :mod:`solo_deepfusion.solo.context`; every head gets its own
+optimizer group (:mod:`solo_deepfusion.solo.param_groups`).
 """
 
 from __future__ import annotations
@@ -40,26 +42,38 @@ from solo_deepfusion.validation import check_choice
 # Every solo-learn method with a projection head (all but `mae` and `linear`): the methods whose
 # projector layout heads/mlp.py knows. The method table is written there once.
 HEAD_METHODS = tuple(sorted(SOLO_MLP_LAYOUTS))
-# `mlp` is the stock method; every other registered head becomes `<method>_<head>`.
-PROJECTORS = ("mlp", *(p for p in list_projectors() if p != "mlp"))
 # Keys of `cfg.projector` that configure the variant, not the head itself: the monitors'
 # (solo_deepfusion.solo.monitor) and the head's optimizer group (solo_deepfusion.solo.param_groups).
 OPTIMIZER_KEYS = tuple(f.name for f in dataclasses.fields(HeadOptimizer))
 NON_HEAD_KEYS = ("small_crops", *MONITOR_KEYS, *OPTIMIZER_KEYS)
-# A variant's projector config: its registered fields and the variant's keys, with defaults.
-PROJECTOR_KEYS = {p: ("name", *projector_entry(p).fields, *NON_HEAD_KEYS) for p in PROJECTORS[1:]}
-# The transformer head trains at a tenth of its stock group's lr: at the full lr of solo-learn's
-# LARS recipes, pre-norm heads diverge under Barlow Twins and VICReg (benchmarks/stability).
-HEAD_OPTIMIZER_DEFAULTS = {"transformer": {"lr_scale": 0.1}}
-# The preset is the stock method's (`default_preset`), so it is no projector-wide default.
-PROJECTOR_DEFAULTS = {
-    p: {
-        **{k: v for k, v in projector_entry(p).defaults.items() if k != "preset"},
-        **HEAD_OPTIMIZER_DEFAULTS.get(p, {}),
+
+
+def projectors() -> tuple[str, ...]:
+    """Every registered head, ``mlp`` (the stock method) first; every other one becomes
+    ``<method>_<head>``. Read from the registry on each call, so later registrations count."""
+    return ("mlp", *(p for p in list_projectors() if p != "mlp"))
+
+
+def projector_keys(projector: str) -> tuple[str, ...]:
+    """A variant's projector config keys: the head's registered fields and the variant's."""
+    fields = projector_entry(projector).fields
+    clash = sorted(set(fields) & {"name", *NON_HEAD_KEYS})
+    if clash:
+        raise ValueError(f"projector {projector!r}: field(s) {clash} are the variant's own keys")
+    return ("name", *fields, *NON_HEAD_KEYS)
+
+
+def projector_defaults(projector: str) -> dict[str, Any]:
+    """The variant's defaults: the head's registered ones (its optimizer group's included).
+    The preset is the stock method's (:func:`default_preset`), so it is no default here."""
+    entry = projector_entry(projector)
+    return {
+        **{k: v for k, v in entry.defaults.items() if k != "preset"},
+        **entry.optimizer,
         "small_crops": False,
     }
-    for p in PROJECTORS[1:]
-}
+
+
 # Methods whose heads default to another preset than DEFAULT_PRESET. VICReg's variance term
 # reads the head's output: an output BatchNorm meets it by construction, and behind it the head
 # collapses (out_proj cosine 0.99999). `stable_centred` removes the shared direction at its
@@ -72,24 +86,24 @@ def projector_group_node(projector: str) -> dict[str, Any]:
     head's own default applies (what ``projector=<name>`` selects on the command line)."""
     if projector == "mlp":
         return {"name": "mlp"}
-    keys = dict.fromkeys(PROJECTOR_KEYS[projector])
+    keys = dict.fromkeys(projector_keys(projector))
     return {
         **keys,
         "name": projector,
-        **PROJECTOR_DEFAULTS[projector],
+        **projector_defaults(projector),
         **{k: MONITOR_DEFAULTS[k] for k in MONITOR_KEYS},
     }
 
 
 def variant_name(method: str, projector: str) -> str:
     """The METHODS key that trains ``method`` with ``projector`` (``mlp`` = the stock method)."""
-    check_choice("projector", projector, PROJECTORS)
+    check_choice("projector", projector, projectors())
     return method if projector == "mlp" else f"{method}_{projector}"
 
 
 def base_method(name: str) -> str:
     """The stock method a (possibly variant) METHODS key is built on."""
-    for projector in PROJECTORS[1:]:
+    for projector in projectors()[1:]:
         if name.endswith(f"_{projector}"):
             return name.removesuffix(f"_{projector}")
     return name
@@ -102,6 +116,7 @@ def default_preset(method: str) -> str:
 
 def projector_config(cfg: DictConfig, projector: str) -> DictConfig:
     """Fill ``cfg.projector`` for ``projector`` with defaults and reject unknown fields."""
+    keys = projector_keys(projector)
     with open_dict(cfg):
         if "projector" not in cfg or cfg.projector is None:
             cfg.projector = {"name": projector}
@@ -112,29 +127,28 @@ def projector_config(cfg: DictConfig, projector: str) -> DictConfig:
                 f"use projector.name={projector!r} or the stock method"
             )
         pcfg.name = projector
-        if "preset" in PROJECTOR_KEYS[projector] and pcfg.get("preset") is None:
+        if "preset" in keys and pcfg.get("preset") is None:
             pcfg.preset = default_preset(cfg.method)
-        for key, value in PROJECTOR_DEFAULTS[projector].items():
+        for key, value in projector_defaults(projector).items():
             if pcfg.get(key) is None:
                 pcfg[key] = value
-    unknown = sorted(set(pcfg) - set(PROJECTOR_KEYS[projector]))
+    unknown = sorted(set(pcfg) - set(keys))
     if unknown:
-        raise ValueError(
-            f"unknown projector field(s) {unknown}; "
-            f"{projector} takes {sorted(PROJECTOR_KEYS[projector])}"
-        )
+        raise ValueError(f"unknown projector field(s) {unknown}; {projector} takes {sorted(keys)}")
     return cfg
 
 
-def build_head(cfg: DictConfig, in_dim: int) -> nn.Module:
-    """The head named by ``cfg.projector`` for backbone features of size ``in_dim``."""
+def build_head(cfg: DictConfig, in_dim: int, tail: nn.Module | None = None) -> ContextProjector:
+    """The head named by ``cfg.projector`` for backbone features of size ``in_dim``, followed
+    by ``tail``, with the joint context its registration declares."""
     pcfg = OmegaConf.to_container(cfg.projector, resolve=True)
     name = pcfg.pop("name")
     for key in NON_HEAD_KEYS:
         pcfg.pop(key, None)
     fields = {k: v for k, v in pcfg.items() if v is not None}
     kwargs = cfg.method_kwargs
-    return build_projector(name, in_dim, kwargs.proj_hidden_dim, kwargs.proj_output_dim, **fields)
+    head = build_projector(name, in_dim, kwargs.proj_hidden_dim, kwargs.proj_output_dim, **fields)
+    return ContextProjector(head, tail, joint=projector_entry(name).wants_joint_context(head))
 
 
 def method_tail(stock: nn.Module) -> nn.Module | None:
@@ -169,7 +183,7 @@ class DeepFusionVariant:
         online = self.context_projector
         momentum = self.momentum_context_projector if self.is_momentum else None
         stock = self.get_submodule(online)
-        head = ContextProjector(build_head(self.cfg, self.features_dim), method_tail(stock))
+        head = build_head(self.cfg, self.features_dim, method_tail(stock))
         self._replace(online, head)
         if momentum is not None:
             momentum_head = copy.deepcopy(head)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, distribution
+
 import pytest
 import torch
 from torch import nn
@@ -12,11 +16,30 @@ from solo_deepfusion.heads import (
     build_projector,
     count_parameters,
     list_projectors,
+    projector_entry,
+    register_projector,
+    registry,
     solo_mlp,
     transformer_config,
 )
 
 TINY = {"dim": 32, "depth": 2, "heads": 4, "ffn_dim": 64}
+EXAMPLE = "solo-deepfusion-batchattn"  # examples/batchattn, installed by CI
+
+
+def example_installed() -> bool:
+    try:
+        distribution(EXAMPLE)
+    except PackageNotFoundError:
+        return False
+    return True
+
+
+requires_example = pytest.mark.skipif(
+    not example_installed(),
+    reason=f"the example plugin {EXAMPLE} is not installed: "
+    "pip install --no-deps --no-build-isolation examples/batchattn",
+)
 
 
 def test_registry_lists_builtins_and_rejects_unknown_names():
@@ -58,11 +81,12 @@ def test_mlp_matched_has_the_transformers_parameter_count(preset, num_layers):
 @pytest.mark.parametrize("name", list_projectors())
 def test_every_registered_projector_keeps_the_contract(name):
     """(T, in_dim) features -> (T, out_dim), every parameter trained; declared defaults are
-    among its declared fields (the integration builds configs from them)."""
-    from solo_deepfusion.heads import projector_entry
-
+    among its declared fields (the integration builds configs from them). A head that asks
+    for the joint context takes every view at once, view-major: reordering the samples the
+    same way in every view reorders its outputs alike (docs/heads.md)."""
     entry = projector_entry(name)
     assert set(entry.defaults) <= set(entry.fields)
+    assert set(entry.optimizer) <= set(registry.OPTIMIZER_FIELDS)
     torch.manual_seed(0)
     head = build_projector(name, 24, 32, 16, **entry.defaults)
     x = torch.randn(8, 24)
@@ -70,6 +94,86 @@ def test_every_registered_projector_keeps_the_contract(name):
     assert out.shape == (8, 16) and out.isfinite().all()
     out.square().sum().backward()
     assert all(p.grad is not None for p in head.parameters())
+    if entry.wants_joint_context(head):
+        views = torch.randn(2, 6, 24)
+        order = torch.randperm(6)
+        joint = head(views.flatten(0, 1), num_views=2)
+        reordered = head(views[:, order].flatten(0, 1), num_views=2)
+        assert joint.shape == (12, 16)
+        torch.testing.assert_close(reordered, joint.unflatten(0, (2, 6))[:, order].flatten(0, 1))
+
+
+@requires_example
+def test_the_example_plugin_is_registered_through_its_entry_point():
+    assert "batchattn" in list_projectors()
+    entry = projector_entry("batchattn")
+    assert entry.fields == ("heads",) and entry.build.__module__ == "batchattn_head"
+    assert entry.joint_context is True
+    with pytest.raises(ValueError, match=r"projector.heads=3 must divide .*=32"):
+        build_projector("batchattn", 24, 32, 16, heads=3)
+
+
+def write_plugin(site, dist: str, module: str, source: str) -> None:
+    """A distribution on ``site`` (no install): its module and its entry point."""
+    (site / f"{module}.py").write_text(source)
+    info = site / f"{dist}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[{registry.ENTRY_POINT_GROUP}]\n{module} = {module}\n")
+
+
+@pytest.fixture
+def fresh_registry(tmp_path, monkeypatch):
+    """A copy of the registry whose plugins are loaded again; ``tmp_path`` on ``sys.path``."""
+    monkeypatch.setattr(registry, "_PROJECTORS", dict(registry._PROJECTORS))
+    monkeypatch.setattr(registry, "_plugins_loaded", False)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path
+    for module in ("demo_head_plugin", "broken_head_plugin"):
+        sys.modules.pop(module, None)
+
+
+def test_an_installed_entry_point_registers_its_head_on_first_read(fresh_registry):
+    write_plugin(
+        fresh_registry,
+        "demo-head",
+        "demo_head_plugin",
+        "from torch import nn\n"
+        "from solo_deepfusion.heads import register_projector\n\n"
+        "@register_projector('demo_head', joint_context=True, optimizer={'lr_scale': 0.5})\n"
+        "def demo_head(in_dim, hidden_dim, out_dim):\n"
+        "    return nn.Linear(in_dim, out_dim)\n",
+    )
+    assert "demo_head" in list_projectors()
+    entry = projector_entry("demo_head")
+    assert entry.fields == () and entry.optimizer == {"lr_scale": 0.5}
+    assert entry.wants_joint_context(build_projector("demo_head", 4, 8, 2))
+
+
+def test_a_broken_plugin_fails_with_one_line_naming_it(fresh_registry):
+    write_plugin(fresh_registry, "broken", "broken_head_plugin", "raise RuntimeError('boom')\n")
+    message = r"projector plugin 'broken_head_plugin' \(broken_head_plugin\) .*RuntimeError: boom"
+    with pytest.raises(ImportError, match=message):
+        list_projectors()
+
+
+@dataclass(frozen=True)
+class ClashingFields:
+    lr_scale: float = 1.0
+
+
+def test_registration_checks_its_declared_properties():
+    with pytest.raises(ValueError, match=r"optimizer field\(s\) \['lr'\]; choose from"):
+        register_projector("x", optimizer={"lr": 0.1})
+    with pytest.raises(ValueError, match=r"joint_context='yes'; choose True, False or"):
+        register_projector("x", joint_context="yes")
+    with pytest.raises(ValueError, match=r"config field\(s\) \['lr_scale'\] of 'x'"):
+        register_projector("x", config=ClashingFields)
+    with pytest.raises(ValueError, match="projector 'mlp' is already registered"):
+        register_projector("mlp")(lambda *args: nn.Identity())
+    assert not projector_entry("transformer").wants_joint_context(
+        build_projector("transformer", 8, 8, 8, preset="small", context="view")
+    )
 
 
 def test_mlp_output_norm_centres_the_output_without_parameters():

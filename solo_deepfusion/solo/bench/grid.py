@@ -21,13 +21,12 @@ from solo_deepfusion.errors import UsageError
 from solo_deepfusion.solo.analysis import EVAL_BATCH_SIZES
 from solo_deepfusion.solo.param_groups import HeadOptimizer
 from solo_deepfusion.solo.variants import (
-    PROJECTOR_DEFAULTS,
-    PROJECTOR_KEYS,
-    PROJECTORS,
     default_preset,
+    projector_defaults,
+    projector_keys,
+    projectors,
 )
 
-PROJECTOR_NAMES = PROJECTORS  # the registry's heads, `mlp` (the stock method) first
 # Methods whose loss reads `method_kwargs.temperature` (solo-learn 1.0.6; a test checks the
 # host's sources). RESSL (temperature_q/_k) and DINO (teacher/student) name theirs differently.
 TEMPERATURE_METHODS = frozenset(
@@ -40,8 +39,9 @@ AXES: dict[str, str] = {
     "weight_decay": "optimizer.weight_decay",
     "depth": "projector.depth",
 }
-# Fields a cell's label always spells out, default or not, so that a record keeps its meaning when
-# the package's defaults change (0.2.0 changed both for `transformer`, 0.3.0 the preset).
+# Fields a cell's label always spells out, default or not, where the head has them, so that a
+# record keeps its meaning when the package's defaults change (0.2.0 changed both for
+# `transformer`, 0.3.0 the preset).
 SPELLED_OUT = ("preset", "lr_scale")
 KNN_K = (20, 200)
 KNN_TEMPERATURE = 0.07
@@ -54,7 +54,8 @@ FUSION_SAMPLES = 256
 
 @dataclass(frozen=True)
 class ProjectorSpec:
-    """A projector of the grid: ``mlp``, ``mlp_matched``, ``transformer``, plus fields."""
+    """A projector of the grid: a registered head (``mlp``, ``mlp_matched``, ``transformer``, an
+    installed plugin's), plus fields."""
 
     name: str
     fields: tuple[tuple[str, str], ...] = ()
@@ -63,10 +64,9 @@ class ProjectorSpec:
     def parse(cls, text: str) -> ProjectorSpec:
         """``transformer:preset=small,mask=positives`` -> name and (sorted) fields, as given."""
         name, _, rest = text.strip().partition(":")
-        if name not in PROJECTOR_NAMES:
-            raise UsageError(
-                f"unknown projector {name!r} in {text!r}; choose from {PROJECTOR_NAMES}"
-            )
+        known = projectors()
+        if name not in known:
+            raise UsageError(f"unknown projector {name!r} in {text!r}; choose from {list(known)}")
         fields: dict[str, str] = {}
         for item in filter(None, (part.strip() for part in rest.split(","))):
             key, sep, value = item.partition("=")
@@ -77,7 +77,7 @@ class ProjectorSpec:
             fields[key] = value
         if fields and name == BASELINE:
             raise UsageError(f"{text!r}: the stock `mlp` head takes no fields (the recipe's)")
-        allowed = set(PROJECTOR_KEYS.get(name, ())) - {"name"}
+        allowed = set() if name == BASELINE else set(projector_keys(name)) - {"name"}
         unknown = sorted(set(fields) - allowed)
         if unknown:
             raise UsageError(
@@ -86,8 +86,8 @@ class ProjectorSpec:
         return cls(name, tuple(sorted(fields.items())))
 
     def under(self, method: str) -> ProjectorSpec:
-        """This head as ``method`` trains it: :data:`SPELLED_OUT` filled in from the current
-        defaults where not given (the preset depends on the method)."""
+        """This head as ``method`` trains it: those of :data:`SPELLED_OUT` it has filled in from
+        the current defaults where not given (the preset depends on the method)."""
         if self.name == BASELINE:
             return self
         fields = {**spelled_out_defaults(self.name, method), **dict(self.fields)}
@@ -109,16 +109,17 @@ class ProjectorSpec:
 
 
 def spelled_out_defaults(projector: str, method: str) -> dict[str, str]:
-    """The current defaults of :data:`SPELLED_OUT` for ``projector`` under ``method``, as label
-    text."""
+    """The current defaults of the :data:`SPELLED_OUT` keys ``projector`` has (its registered
+    fields and the variant's), under ``method``, as label text."""
     defaults = {
         "lr_scale": HeadOptimizer().lr_scale,
         "preset": default_preset(method),
-        **PROJECTOR_DEFAULTS[projector],
+        **projector_defaults(projector),
     }
+    keys = [key for key in SPELLED_OUT if key in projector_keys(projector)]
     return {
         key: f"{defaults[key]:g}" if isinstance(defaults[key], float) else str(defaults[key])
-        for key in SPELLED_OUT
+        for key in keys
     }
 
 
@@ -127,7 +128,7 @@ def axis_applies(axis: str, method: str, projector: ProjectorSpec) -> bool:
     if axis == "temperature":
         return method in TEMPERATURE_METHODS
     if axis == "depth":
-        return projector.name != BASELINE
+        return projector.name != BASELINE and "depth" in projector_keys(projector.name)
     return True
 
 
