@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 from solo.args.pretrain import parse_cfg
 from solo.methods import METHODS
 from solo.utils.misc import make_contiguous, omegaconf_select
@@ -31,6 +32,7 @@ from solo.utils.misc import make_contiguous, omegaconf_select
 from solo_deepfusion.cli import exit_status
 from solo_deepfusion.errors import UsageError
 from solo_deepfusion.solo import base_method, projector_config, register, variant_name
+from solo_deepfusion.solo.checkpoints import check_fits, run_folder_lock
 from solo_deepfusion.solo.data import (
     check_data_paths,
     pretrain_loader,
@@ -115,6 +117,9 @@ def run_pretrain(argv: Sequence[str], callbacks: Sequence[Callback] = ()) -> Tra
         model = build_model(cfg)
     except ValueError as err:  # the heads and variants name the bad field and its choices
         raise UsageError(str(err)) from err
+    except OmegaConfBaseException as err:  # the method reads a key the recipe lacks
+        key = getattr(err, "full_key", None) or str(err).splitlines()[0]
+        raise UsageError(f"method={cfg.method} needs {key}, which the recipe lacks") from err
     make_contiguous(model)
     if not cfg.performance.disable_channel_last:
         model = model.to(memory_format=torch.channels_last)
@@ -142,10 +147,14 @@ def run_pretrain(argv: Sequence[str], callbacks: Sequence[Callback] = ()) -> Tra
     callbacks = [*callbacks, *(m for m in monitors if m is not None)]
 
     logdir = Path(cfg.checkpoint.dir) / cfg.method
+    explicit = cfg.resume_from_checkpoint is not None
     ckpt_path, wandb_run_id = resume_checkpoint(cfg, logdir)
+    if explicit:
+        check_fits(Path(ckpt_path), model, cfg)
     logger = make_logger(cfg, logdir, wandb_run_id, model, resumed=ckpt_path)
     trainer = make_trainer(cfg, logger, [*checkpoint_callbacks(cfg, logdir), *callbacks])
-    trainer.fit(model, ckpt_path=ckpt_path, **data)
+    with run_folder_lock(logdir / str(logger.version)):
+        trainer.fit(model, ckpt_path=ckpt_path, **data)
     return trainer
 
 

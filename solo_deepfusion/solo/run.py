@@ -36,7 +36,6 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, OmegaConf
-from solo.utils.auto_resumer import AutoResumer
 from solo.utils.checkpointer import Checkpointer
 from solo.utils.misc import omegaconf_select
 
@@ -199,14 +198,10 @@ def prepare_hardware(cfg: DictConfig) -> DictConfig:
 # Resuming, logging, the trainer
 
 
-# Keys a run's args.json must share with the relaunched command for auto-resume (solo-learn's,
-# plus the projector: a depth-4 head never resumes a depth-10 one).
-RESUME_MATCH = (*AutoResumer.SHOULD_MATCH, "projector")
-
-
 def resume_checkpoint(cfg: DictConfig, logdir: Path) -> tuple[str | None, str | None]:
     """``(checkpoint to resume or None, its wandb run id)``, as main_pretrain decides it, but
-    only from complete checkpoints with their ``args.json`` (:func:`find_resumable`)."""
+    only from complete checkpoints with their ``args.json`` whose run is the one ``cfg``
+    describes (:func:`find_resumable`: the same data, head, seed, batch size, ...)."""
     if cfg.resume_from_checkpoint is not None:
         path = cfg.resume_from_checkpoint
         del cfg.resume_from_checkpoint  # as main_pretrain: not recorded in args.json
@@ -216,7 +211,7 @@ def resume_checkpoint(cfg: DictConfig, logdir: Path) -> tuple[str | None, str | 
         return path, None
     if not cfg.auto_resume.enabled:
         return None, None
-    path, run_id = find_resumable(logdir, cfg, RESUME_MATCH, cfg.auto_resume.max_hours)
+    path, run_id = find_resumable(logdir, cfg, cfg.auto_resume.max_hours)
     if path is None:
         return None, None
     print(f"Resuming from previous checkpoint that matches specifications: '{path}'")
