@@ -123,6 +123,10 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     return checkpoint
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a folder made read-only meanwhile)."""
+
+
 class SoloCheckpointIO(TorchCheckpointIO):
     """Saves solo-learn checkpoints atomically and reads them with :func:`read_checkpoint`
     (``weights_only=True``); ``static_lr`` partials are dropped both ways."""
@@ -135,8 +139,17 @@ class SoloCheckpointIO(TorchCheckpointIO):
         if "://" in str(path):  # remote storage: Lightning's own writer
             super().save_checkpoint(checkpoint, path, storage_options)
             return
-        with atomic_path(path) as tmp:
-            torch.save(checkpoint, tmp)
+        try:
+            with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+                torch.save(checkpoint, fh)
+        except (OSError, RuntimeError) as err:  # a full disk: the previous checkpoint stays
+            # torch's zip writer reports a failed write of a file object as a RuntimeError
+            # whose context is the OSError
+            cause = err if isinstance(err, OSError) else err.__context__
+            if not isinstance(cause, OSError):
+                raise
+            reason = cause.strerror or str(cause)
+            raise CheckpointWriteError(f"cannot write the checkpoint {path}: {reason}") from err
 
     def load_checkpoint(
         self,

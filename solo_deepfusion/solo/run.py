@@ -30,7 +30,7 @@ from typing import Any, NoReturn
 
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.errors import HydraException, MissingConfigException
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
@@ -120,6 +120,27 @@ def parse_config_args(
     return args, overrides
 
 
+def hydra_message(err: Exception) -> str:
+    """Hydra's multi-line message on one line, without its search path and docs links."""
+    lines = []
+    for line in str(err).splitlines():
+        line = line.strip()
+        if line.startswith("Config search path"):
+            break
+        if line and not line.startswith("See https://"):
+            lines.append(line)
+    return " ".join(lines) or type(err).__name__
+
+
+def override_message(override: str, reason: str) -> str:
+    """Why Hydra cannot parse ``override``; an ``=`` in its value gets a hint to quote it."""
+    message = f"cannot parse the override {override!r}: {reason}"
+    key, sep, value = override.partition("=")
+    if sep and "=" in value and value[:1] not in ("'", '"'):
+        message += f"; its value holds '=': quote it for Hydra, e.g. \"{key}='{value}'\""
+    return message
+
+
 def compose_config(config_dir: Path, config_name: str, overrides: Sequence[str]) -> DictConfig:
     """The recipe with its overrides, as ``@hydra.main`` hands it to ``main_pretrain``.
 
@@ -135,9 +156,17 @@ def compose_config(config_dir: Path, config_name: str, overrides: Sequence[str])
             raise UsageError(
                 f"unknown projector {choice!r}; choose from: {', '.join(sorted(err.options))}"
             ) from err
-        raise UsageError(str(err)) from err
+        if err.missing_cfg_file is None or err.missing_cfg_file == config_name:
+            recipes = sorted(p.stem for p in config_dir.glob("*.yaml"))
+            raise UsageError(
+                f"--config-name {config_name}: no such recipe in {config_dir}; "
+                f"choose from: {', '.join(recipes) or 'none there'}"
+            ) from err
+        raise UsageError(hydra_message(err)) from err
+    except OverrideParseException as err:
+        raise UsageError(override_message(err.override, hydra_message(err))) from err
     except HydraException as err:
-        raise UsageError(str(err)) from err
+        raise UsageError(hydra_message(err)) from err
     OmegaConf.set_struct(cfg, False)
     OmegaConf.resolve(cfg)
     return cfg
@@ -184,6 +213,11 @@ def prepare_hardware(cfg: DictConfig) -> DictConfig:
     accelerator = omegaconf_select(cfg, "accelerator", "auto")
     if accelerator == "auto":
         accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UsageError(
+            f"accelerator={accelerator}: no CUDA GPU is visible here; use accelerator=cpu "
+            "or accelerator=auto"
+        )
     cfg.accelerator = accelerator
     cfg.devices = device_indices(omegaconf_select(cfg, "devices", "auto"), accelerator)
     if accelerator == "cpu":

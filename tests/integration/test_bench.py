@@ -600,3 +600,21 @@ def test_one_real_cell_through_the_launcher(bench, cifar_tiny, tmp_path, capsys)
     assert bench.main(argv) == 0  # resumed: nothing left to train
     assert "0 ran, 2 already done" in capsys.readouterr().out
     assert len(results.read_text().splitlines()) == 2
+
+
+@requires_host
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--projectors", "transformer:depth=abc"], "depth must be an integer >= 0, got 'abc'"),
+        (["--batch-sizes", "0"], "optimizer.batch_size must be a positive integer, got 0"),
+        (["--epochs", "0"], "max_epochs must be a positive integer, got 0"),
+        (["--methods", "nope"], "error: --methods nope: not a solo-learn method; choose from: "),
+    ],
+)
+def test_dry_run_checks_every_cell_as_pretrain_does(bench, tmp_path, capsys, extra, message):
+    argv = ["--config-name", "cifar10_quick", "--results", str(tmp_path / "r.jsonl")]
+    assert bench.main([*argv, "--work", str(tmp_path / "work"), "--dry-run", *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and "Error(" not in err[0]
+    assert not (tmp_path / "work").exists()
