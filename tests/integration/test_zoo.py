@@ -383,3 +383,32 @@ def test_fusion_of_a_zoo_entry_offline_with_an_empty_cache_is_one_line(
     assert fusion(["--checkpoint", NAME, "--data", str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: offline mode: zoo file {NAME}/")
+
+
+def test_cli_export_refuses_weights_that_do_not_load_and_writes_nothing(run, zoo, tmp_path, capsys):
+    from safetensors.torch import save
+
+    model = run[0]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["projector.extra.weight"] = torch.zeros(2)  # a key the model does not have
+    del state["backbone.conv1.weight"]  # and one it needs
+    manifest = tampered_zoo(zoo, "full", save(state), tmp_path / "zoo")
+    out = tmp_path / "out"
+    assert cli.main(["export", NAME, str(out), "--manifest", str(manifest)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {NAME}: its full weights do not load into the ")
+    assert "backbone.conv1.weight" in err and err.endswith("not exported") and "\n" not in err
+    assert not out.exists()
+
+
+def test_cli_export_refuses_an_args_json_of_another_method(run, zoo, tmp_path, capsys):
+    args = json.loads(run[2].read_text())
+    args["method"] = "byol_transformer"
+    manifest = tampered_zoo(zoo, "args", json.dumps(args).encode(), tmp_path / "zoo")
+    out = tmp_path / "out"
+    assert cli.main(["export", NAME, str(out), "--manifest", str(manifest)]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"error: {NAME}: its args.json trains method=byol_transformer, the manifest says "
+        "simclr_transformer (method=simclr, projector=transformer); not exported"
+    )
+    assert not out.exists()
