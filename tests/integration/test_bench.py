@@ -219,6 +219,7 @@ def test_cli_writes_report_and_plot(three_seeds, tmp_path, capsys):
         ({"accuracy": 250}, "line 2: metrics.offline_linear_acc1=250 is not an accuracy in [0, 1]"),
         ({"accuracy": "0.9"}, "line 2: metrics.offline_linear_acc1='0.9' is not a number"),
         ({"bytes": b"\xff\xfe not UTF-8\n"}, "no finished (status ok) record in the results (1 "),
+        ({"--verdict": "<binary>"}, "error: --verdict {binary} is not UTF-8 text (invalid start"),
     ],
 )
 def test_cli_bad_report_input_is_one_line(three_seeds, tmp_path, capsys, change, message):
@@ -233,12 +234,15 @@ def test_cli_bad_report_input_is_one_line(three_seeds, tmp_path, capsys, change,
     if "bytes" in change:
         results = tmp_path / "binary.jsonl"
         results.write_bytes(change.pop("bytes"))
+    binary = tmp_path / "verdict.md"
+    binary.write_bytes(b"\xff\xfe")
     argv = [str(results)]
     for option, value in change.items():
-        argv += [option, value.replace("<file>", str(taken))]
+        argv += [option, value.replace("<file>", str(taken)).replace("<binary>", str(binary))]
     assert bench_report.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert message.format(file=taken) in err[-1] and "Traceback" not in "\n".join(err)
+    assert message.format(file=taken, binary=binary) in err[-1]
+    assert "Traceback" not in "\n".join(err)
     assert taken.read_text() == "mine"
 
 
