@@ -23,6 +23,7 @@ import importlib.resources
 import inspect
 import os
 import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
@@ -43,6 +44,7 @@ from solo_deepfusion.errors import UsageError
 from solo_deepfusion.solo.checkpoints import (
     AtomicCheckpointer,
     SoloCheckpointIO,
+    checkpoint_epoch,
     find_resumable,
     unreadable,
 )
@@ -249,6 +251,13 @@ def resume_checkpoint(cfg: DictConfig, logdir: Path) -> tuple[str | None, str | 
     if path is None:
         return None, None
     print(f"Resuming from previous checkpoint that matches specifications: '{path}'")
+    epoch = checkpoint_epoch(path)
+    if epoch + 1 >= cfg.max_epochs:
+        print(
+            f"auto-resume: {path} ends epoch {epoch}, the last of max_epochs={cfg.max_epochs}: "
+            "nothing left to train (raise max_epochs to train on)",
+            file=sys.stderr,
+        )
     return str(path), run_id
 
 

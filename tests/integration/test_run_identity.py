@@ -127,6 +127,17 @@ def test_a_longer_max_epochs_resumes_the_finished_run_in_its_folder(cifar_tiny, 
     assert run_folders(ckpt) == [run] and epochs_logged(run) == ["0", "1"]
 
 
+def test_the_same_command_on_a_finished_run_says_there_is_nothing_left(cifar_tiny, ckpt, capsys):
+    (run,) = run_folders(ckpt)
+    assert launch.pretrain(argv(cifar_tiny, ckpt)) == 0
+    (saved,) = run.glob("*.ckpt")
+    assert (
+        f"auto-resume: {saved} ends epoch 0, the last of max_epochs=1: nothing left to train "
+        "(raise max_epochs to train on)"
+    ) in capsys.readouterr().err.splitlines()
+    assert run_folders(ckpt) == [run] and epochs_logged(run) == ["0"]
+
+
 def test_a_run_folder_in_use_is_refused_and_left_alone(cifar_tiny, ckpt, capsys):
     (run,) = run_folders(ckpt)
     before = sorted(p.name for p in run.iterdir())
