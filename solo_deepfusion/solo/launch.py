@@ -109,25 +109,33 @@ SOLO_TOP_LEVEL = {
 PLUGIN_TOP_LEVEL = {"projector"}
 
 
-def check_top_level_keys(cfg: DictConfig) -> None:
-    """Refuse top-level keys nothing reads (``+max_epoch=3``, ``+foo=1``): a typo would train
-    with the recipe's value while the command line says otherwise. Refused rather than warned
-    about, since no run is right with them; a nested key is left to its reader."""
+def check_top_level_keys(cfg: DictConfig, overrides: Sequence[str]) -> None:
+    """Refuse a top-level key nothing reads when a command-line override sets it
+    (``+max_epoch=3``, ``+foo=1``): a typo would train with the recipe's value while the command
+    line says otherwise, and no run is right with it. Such keys in the recipe file itself are
+    warned about in one line only: some of solo-learn's own recipes carry them (its ImageNet-100
+    SimSiam recipe has ``augmentations_cfg`` and ``wandb_cfg``)."""
     known = SOLO_TOP_LEVEL | PLUGIN_TOP_LEVEL | set(inspect.signature(Trainer.__init__).parameters)
     unknown = sorted(str(k) for k in cfg if k not in known)
-    if unknown:
-        close = difflib.get_close_matches(unknown[0], known, n=1)
+    typed = {o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] for o in overrides}
+    refused = [k for k in unknown if k in typed]
+    if refused:
+        close = difflib.get_close_matches(refused[0], known, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
         raise UsageError(
-            f"unknown top-level key(s) {unknown}{hint}: neither solo-learn, Lightning's Trainer "
+            f"unknown top-level key(s) {refused}{hint}: neither solo-learn, Lightning's Trainer "
             "nor solo-deepfusion reads them"
+        )
+    if unknown:
+        print(
+            f"warning: the recipe's top-level key(s) {unknown} are read by nothing", file=sys.stderr
         )
 
 
-def check_settings(cfg: DictConfig) -> None:
+def check_settings(cfg: DictConfig, overrides: Sequence[str] = ()) -> None:
     """Check the run's settings before any folder is made or data read (one line naming the
-    key, its value and what is allowed)."""
-    check_top_level_keys(cfg)
+    key, its value and what is allowed); ``overrides`` are the command line's."""
+    check_top_level_keys(cfg, overrides)
     try:
         check_training(lambda key: omegaconf_select(cfg, key, None))
     except ValueError as err:
@@ -176,7 +184,7 @@ def pretrain_config(argv: Sequence[str]) -> DictConfig:
         config_parser("solo-deepfusion pretrain"), rewrite_projector_args(argv)
     )
     cfg = compose_config(args.config_dir, args.config_name, overrides)
-    check_settings(cfg)
+    check_settings(cfg, overrides)
     cfg = parse_cfg(prepare_hardware(unpack_data_paths(cfg)))
     select_variant(cfg)
     check_head(cfg)

@@ -149,3 +149,16 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_no_torn_file(quick_args,
     assert not list((tmp_path / "ckpt").rglob("*.ckpt")) and not list(
         (tmp_path / "ckpt").rglob("*.tmp")
     )
+
+
+def test_an_unread_top_level_key_in_the_recipe_file_is_only_warned_about(tmp_path, capsys):
+    """solo-learn's own ImageNet-100 SimSiam recipe carries ``augmentations_cfg``: not refused."""
+    from solo_deepfusion.solo.run import RECIPES_DIR
+
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text((RECIPES_DIR / "cifar10_quick.yaml").read_text() + "\nextra_cfg: 1\n")
+    launch.pretrain_config(["--config-path", str(tmp_path), "--config-name", "mine", *SMALL])
+    assert (
+        "warning: the recipe's top-level key(s) ['extra_cfg'] are read by nothing"
+        in capsys.readouterr().err.splitlines()
+    )
