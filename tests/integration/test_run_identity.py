@@ -181,3 +181,16 @@ def test_an_explicit_resume_of_another_model_is_one_line(
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"error: resume_from_checkpoint={saved} ") and message in err[-1]
     assert not any("Traceback" in line for line in err)
+
+
+def test_other_data_with_a_broken_image_is_read_and_its_error_shows(
+    cifar_tiny, ckpt, tmp_path, capsys
+):
+    """It used to resume the finished run, train nothing and exit 0 without reading the data."""
+    train = Path(shutil.copytree(cifar_tiny / "train", tmp_path / "other"))
+    for image in train.glob("*/*.jpg"):  # whichever the one step draws
+        image.write_bytes(b"\xff\xd8\xff\xe0 cut short")
+    assert launch.pretrain(argv(cifar_tiny, ckpt, f"data.train_path={train}")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert any(line.startswith("auto-resume: not resuming ") for line in err)
+    assert err[-1].startswith(f"error: {train}/") and "is not a readable image (" in err[-1]
