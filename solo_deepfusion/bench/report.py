@@ -195,16 +195,17 @@ def load_results(paths: Iterable[str | os.PathLike]) -> Results:
     failed: dict[str, dict[str, Any]] = {}
     for path in paths:
         out.sources.append(str(path))
-        for line in Path(path).read_text(encoding="utf-8").splitlines():
-            if not line.strip():
+        for number, raw in enumerate(Path(path).read_bytes().splitlines(), start=1):
+            if not raw.strip():
                 continue
-            try:
-                record = json.loads(line)
+            try:  # a line that is not UTF-8 JSON (a torn write, another file) is a bad line
+                record = json.loads(raw.decode("utf-8"))
                 cell_id, status = record["cell_id"], record.get("status")
             except (ValueError, KeyError, TypeError):
                 out.bad_lines += 1
                 continue
             if status == "ok":
+                check_metrics(record, f"{path} line {number}")
                 ok.pop(cell_id, None)  # keep the file order of the latest record
                 ok[cell_id] = record
             elif status == "failed":
@@ -212,6 +213,25 @@ def load_results(paths: Iterable[str | os.PathLike]) -> Results:
     out.records = list(ok.values())
     out.failed = [r for cell_id, r in failed.items() if cell_id not in ok]
     return out
+
+
+def check_metrics(record: dict[str, Any], where: str) -> None:
+    """A :class:`UsageError` for a metric that would be shown wrong: not a number (a string
+    would read as "not measured"), or an accuracy outside [0, 1] (250 would read as 25000%).
+    ``None`` and NaN are "not measured"."""
+    metrics = record.get("metrics") or {}
+    if not isinstance(metrics, dict):
+        raise UsageError(f"{where}: metrics is a {type(metrics).__name__}, not an object")
+    for name, value in metrics.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise UsageError(f"{where}: metrics.{name}={value!r} is not a number")
+        if _is_accuracy(name) and math.isfinite(value) and not 0 <= value <= 1:
+            raise UsageError(
+                f"{where}: metrics.{name}={value!r} is not an accuracy in [0, 1] "
+                "(accuracies are stored as fractions)"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,7 +254,13 @@ def metric_names(results: Results, wanted: Sequence[str] | None = None) -> list[
     backbone-within-batch 1-NN references ``uacc_b*_backbone`` only with ``all``)."""
     present = {name for r in results.records for name in _measured(r)}
     if wanted and list(wanted) != ["all"]:
-        return [m for m in wanted if m in present]
+        absent = [m for m in wanted if m not in present]
+        if absent:
+            raise UsageError(
+                f"--metrics {' '.join(absent)}: not measured in these results; "
+                f"measured: {', '.join(sorted(present)) or 'none'}"
+            )
+        return list(wanted)
 
     def rank(name: str) -> tuple[int, int, str]:
         part = [*name.split("_"), ""][1]
@@ -702,6 +728,29 @@ def write_plot(
 # Command line
 
 
+def _digits(text: str) -> int:
+    """``--digits``: an integer from 0 to 10."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 10:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to 10, got {text!r}")
+    return value
+
+
+def _check_output(option: str, path: Path | None) -> None:
+    """A :class:`UsageError` unless ``path`` can be written as a file (not a folder, no file
+    among its parents)."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise UsageError(f"{option} {path} is a folder, not a file")
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise UsageError(f"{option} {path}: {parent} is a file, not a folder")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="solo-deepfusion bench-report",
@@ -716,14 +765,19 @@ def parser() -> argparse.ArgumentParser:
         "--metrics", nargs="+", help="metric keys to show, or `all` (default: main ones)"
     )
     p.add_argument("--baseline", default=BASELINE, help="projector label of the baseline")
-    p.add_argument("--digits", type=int, default=1, help="decimals of accuracies in %%")
+    p.add_argument(
+        "--digits", type=_digits, default=1, help="decimals of accuracies in %% (0 to 10)"
+    )
     p.add_argument("--verdict", type=Path, help="markdown put under the title (the conclusion)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``solo-deepfusion bench-report``: 0, or 2 for missing files or no usable record."""
-    args = parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    try:
+        args = parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    except SystemExit as exit_:  # --help, or a usage error argparse already printed
+        return 0 if exit_.code is None else int(exit_.code)
     return exit_status(lambda: write_report(args))
 
 
@@ -732,15 +786,27 @@ def write_report(args: argparse.Namespace) -> None:
     missing = [str(p) for p in (*args.results, *filter(None, [args.verdict])) if not p.is_file()]
     if missing:
         raise UsageError(f"no such file: {', '.join(missing)}")
+    _check_output("--out", args.out)
+    _check_output("--plot", args.plot)
     results = load_results(args.results)
     if not results.records:
-        raise UsageError("no finished (status ok) record in the results")
+        unreadable = f" ({results.bad_lines} unreadable lines)" if results.bad_lines else ""
+        raise UsageError(f"no finished (status ok) record in the results{unreadable}")
+    projectors = sorted({r["projector"] for r in results.records})
+    if args.baseline not in projectors:
+        raise UsageError(
+            f"--baseline {args.baseline}: no cell has that projector; "
+            f"present: {', '.join(projectors)}"
+        )
     metrics = metric_names(results, args.metrics)
     plot_ref = None
     if args.plot is not None:
         write_plot(results, metrics, args.plot, args.baseline)
         plot_ref = os.path.relpath(args.plot, args.out.parent) if args.out else str(args.plot)
-    verdict = args.verdict.read_text(encoding="utf-8") if args.verdict else None
+    try:
+        verdict = args.verdict.read_text(encoding="utf-8") if args.verdict else None
+    except UnicodeDecodeError as err:
+        raise UsageError(f"--verdict {args.verdict} is not UTF-8 text ({err.reason})") from err
     text = render_markdown(
         results,
         metrics,

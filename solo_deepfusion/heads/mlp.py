@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from solo_deepfusion.heads.transformer import ACTIVATIONS, OUTPUT_NORMS
-from solo_deepfusion.validation import check_choice
+from solo_deepfusion.validation import check_choice, check_int
 
 
 @dataclass(frozen=True)
@@ -72,8 +72,9 @@ class MLPProjector(nn.Sequential):
     ) -> None:
         check_choice("activation", activation, tuple(ACTIVATIONS))
         check_choice("output_norm", output_norm, tuple(OUTPUT_NORMS))
-        if num_layers < 1:
-            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        for field, value in (("in_dim", in_dim), ("hidden_dim", hidden_dim), ("out_dim", out_dim)):
+            check_int(field, value)
+        check_int("num_layers", num_layers)
         dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
         layers: list[nn.Module] = []
         for i, (d_in, d_out) in enumerate(itertools.pairwise(dims)):

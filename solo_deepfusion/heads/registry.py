@@ -49,7 +49,7 @@ from solo_deepfusion.heads.mlp import (
     matched_hidden_dim,
 )
 from solo_deepfusion.heads.transformer import TransformerProjector
-from solo_deepfusion.validation import check_choice
+from solo_deepfusion.validation import check_choice, check_int
 
 ProjectorBuilder = Callable[..., nn.Module]
 JointContext = bool | Callable[[nn.Module], bool]
@@ -210,7 +210,11 @@ def list_projectors() -> list[str]:
 
 
 def build_projector(name: str, in_dim: int, hidden_dim: int, out_dim: int, **cfg: Any) -> nn.Module:
-    """Build the projector registered as ``name``."""
+    """Build the projector registered as ``name``. The sizes are checked for every head, also
+    for one that ignores ``hidden_dim`` (0 there means "none")."""
+    check_int("in_dim", in_dim)
+    check_int("hidden_dim", hidden_dim, minimum=0)
+    check_int("out_dim", out_dim)
     return projector_entry(name).build(in_dim, hidden_dim, out_dim, **cfg)
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from solo_deepfusion.heads.distributed import distributed_world, gather_tokens
-from solo_deepfusion.validation import check_choice, check_flag
+from solo_deepfusion.validation import check_choice, check_flag, check_int, check_number
 
 CONTEXTS = ("joint", "view")
 # What normalises the tokens right after ``in_proj`` (``True``/``False``: older configs' spelling).
@@ -296,15 +296,12 @@ class TransformerProjector(nn.Module):
         check_flag("qk_norm", qk_norm)
         check_flag("centred_attention", centred_attention)
         dims = (("in_dim", in_dim), ("out_dim", out_dim), ("dim", dim), ("ffn_dim", ffn_dim))
-        for field, value in dims:
-            if value < 1:
-                raise ValueError(f"{field} must be a positive integer, got {value}")
-        if heads < 1 or dim % heads:
+        for field, value in (*dims, ("heads", heads)):
+            check_int(field, value)  # a bool, float or string is refused, not truncated
+        if dim % heads:
             raise ValueError(f"dim={dim} must be divisible by heads={heads}")
-        if depth < 0:
-            raise ValueError(f"depth must be >= 0, got {depth}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        check_int("depth", depth, minimum=0)
+        check_number("dropout", dropout, "in [0, 1)", lambda v: 0.0 <= v < 1.0)
         self.in_dim, self.out_dim, self.dim = in_dim, out_dim, dim
         self.context, self.mask = context, mask
         self.gather_distributed = gather_distributed

@@ -25,7 +25,7 @@ from solo_deepfusion._host import host_problem
 from solo_deepfusion.cli import exit_status
 from solo_deepfusion.errors import UsageError
 
-from .download import download
+from .download import check_deadline, download
 from .errors import ZooError
 from .manifest import ROLES, Metric, ZooEntry, get_entry, load_manifest
 from .verify import verify
@@ -141,6 +141,7 @@ def cmd_download(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         offline=True if args.offline else None,
         manifest=args.manifest,
+        deadline_s=args.deadline,
     )
     print(path)
     return 0
@@ -173,6 +174,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seconds(text: str) -> float:
+    """``--deadline``: a number of seconds > 0."""
+    try:
+        return check_deadline(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``solo-deepfusion zoo`` argument parser."""
     common = argparse.ArgumentParser(add_help=False)
@@ -196,6 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("name")
     p.add_argument("--role", choices=ROLES, default="backbone")
+    p.add_argument(
+        "--deadline",
+        type=_seconds,
+        metavar="SECONDS",
+        help="wall-clock time per mirror, stalls included, before the next one is tried "
+        "(default: $SOLO_DEEPFUSION_DOWNLOAD_DEADLINE, else 120 s + 4 s per MiB)",
+    )
     p.set_defaults(func=cmd_download)
     p = sub.add_parser(
         "verify", parents=[common, cache], help="check cached files: ok / missing / corrupted"

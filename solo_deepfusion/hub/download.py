@@ -36,7 +36,8 @@ from .errors import DownloadError, NotCachedError
 from .manifest import PathLike, ZooEntry, ZooFile, get_entry
 from .urls import LOOPBACK_HOSTS, Source, check_remote_url, parse_url
 
-TIMEOUT_S = 30.0  # per socket operation
+TIMEOUT_S = 30.0  # per socket operation, at most: never past the mirror's deadline
+DEADLINE_ENV = "SOLO_DEEPFUSION_DOWNLOAD_DEADLINE"  # seconds per mirror, as ``deadline_s``
 DEADLINE_BASE_S = 120.0  # per mirror and file: this, plus the file's size at MIN_RATE
 MIN_RATE = 256 * 1024  # bytes/s below which a mirror is given up for the next one
 MAX_RESUMES = 5  # per mirror, each must have made progress
@@ -75,14 +76,36 @@ class _NoDowngradeRedirect(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
-def _open(url: str, offset: int):
+def _remaining(deadline: float) -> float:
+    """Seconds left before ``deadline`` (a ``time.monotonic()`` instant), at least 0."""
+    return max(0.0, deadline - time.monotonic())
+
+
+def _socket_timeout(deadline: float) -> float:
+    """What one blocking socket operation may take: ``TIMEOUT_S``, cut at the deadline."""
+    return max(0.01, min(TIMEOUT_S, _remaining(deadline)))
+
+
+def _set_read_timeout(resp, seconds: float) -> None:
+    """Set the timeout of the socket under an ``http.client`` response (CPython's layout:
+    ``resp.fp.raw._sock``); without one the timeout given at connect time stays."""
+    sock = getattr(getattr(getattr(resp, "fp", None), "raw", None), "_sock", None)
+    if sock is not None:
+        sock.settimeout(seconds)
+
+
+def _too_slow(received: int, zf: ZooFile) -> _MirrorFailed:
+    return _MirrorFailed(f"too slow: {received} of {zf.size} bytes within its deadline")
+
+
+def _open(url: str, offset: int, timeout: float):
     headers = {"User-Agent": f"solo-deepfusion/{__version__}", "Accept-Encoding": "identity"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
     # Loopback servers are reached directly, whatever $http_proxy says.
     proxy = urllib.request.ProxyHandler({} if urlsplit(url).hostname in LOOPBACK_HOSTS else None)
     opener = urllib.request.build_opener(proxy, _NoDowngradeRedirect())
-    return opener.open(urllib.request.Request(url, headers=headers), timeout=TIMEOUT_S)
+    return opener.open(urllib.request.Request(url, headers=headers), timeout=timeout)
 
 
 def _progress_bar(zf: ZooFile, label: str, initial: int, enabled: bool):
@@ -112,23 +135,45 @@ def deadline_for(size: int) -> float:
     return DEADLINE_BASE_S + size / MIN_RATE
 
 
+def check_deadline(deadline_s: float | str | None) -> float | None:
+    """``deadline_s``, else ``$SOLO_DEEPFUSION_DOWNLOAD_DEADLINE``, as seconds > 0 (``None``: the
+    default of :func:`deadline_for`); anything else is a ``ValueError`` naming it."""
+    source = "deadline_s"
+    if deadline_s is None:
+        deadline_s, source = os.environ.get(DEADLINE_ENV) or None, DEADLINE_ENV
+        if deadline_s is None:
+            return None
+    try:
+        seconds = float(deadline_s)
+    except (TypeError, ValueError):
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise ValueError(f"{source}={deadline_s!r} is not a number of seconds > 0")
+    return seconds
+
+
 def _http_to_part(
     url: str, part: Path, zf: ZooFile, label: str, progress: bool, deadline: float
 ) -> None:
     """Fetch the rest of ``zf`` into ``part`` (continuing it if the server honours Range).
 
-    ``deadline`` is a ``time.monotonic()`` instant: past it the mirror is given up (checked
-    after every read, so a trickling server is left within one socket timeout of it).
+    ``deadline`` is a ``time.monotonic()`` instant: past it the mirror is given up. It holds
+    while blocked too: every socket operation's timeout is cut at it (:func:`_socket_timeout`),
+    so a server that stalls mid-body is left at the deadline, not a socket timeout later.
     """
     offset = _size(part)
+    if _remaining(deadline) <= 0:
+        raise _too_slow(offset, zf)
     try:
-        resp = _open(url, offset)
+        resp = _open(url, offset, _socket_timeout(deadline))
     except urllib.error.HTTPError as e:
         if e.code == 416 and offset:  # our .part is not a prefix the server agrees with
             part.unlink(missing_ok=True)
             raise _Interrupted("HTTP 416 for the resumed range", progressed=True) from e
         raise _MirrorFailed(f"HTTP {e.code} {e.reason}") from e
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+        if _remaining(deadline) <= 0:
+            raise _too_slow(offset, zf) from e
         reason = getattr(e, "reason", e)
         raise _MirrorFailed(f"connection failed: {reason}") from e
     with resp:
@@ -150,17 +195,18 @@ def _http_to_part(
             _progress_bar(zf, label, offset, progress) as bar,
         ):
             while True:
+                _set_read_timeout(resp, _socket_timeout(deadline))
                 try:
                     chunk = resp.read1(_CHUNK)  # what has arrived: the deadline is checked often
                 except (OSError, http.client.HTTPException) as e:
+                    if _remaining(deadline) <= 0:  # stalled until the deadline
+                        raise _too_slow(offset + received, zf) from e
                     msg = f"connection lost after {offset + received} bytes: {e}"
                     raise _Interrupted(msg, progressed=received > 0) from e
                 if not chunk:
                     break
-                if time.monotonic() > deadline:
-                    raise _MirrorFailed(
-                        f"too slow: {offset + received} of {zf.size} bytes within its deadline"
-                    )
+                if _remaining(deadline) <= 0:
+                    raise _too_slow(offset + received, zf)
                 if offset + received + len(chunk) > zf.size:
                     fh.close()
                     part.unlink(missing_ok=True)
@@ -212,6 +258,8 @@ def _fetch(
             resumes += 1
             if not e.progressed or resumes > MAX_RESUMES:
                 raise _MirrorFailed(str(e)) from e
+            if _remaining(deadline) <= 0:
+                raise _too_slow(_size(part), zf) from e
             continue
         digest = sha256_file(part)
         if digest == zf.sha256:
@@ -250,9 +298,11 @@ def download(
 
     ``offline=None`` follows ``$SOLO_DEEPFUSION_OFFLINE`` / ``$HF_HUB_OFFLINE``; offline, only the
     cache is used and a missing file raises :class:`NotCachedError`. ``manifest`` overrides the
-    manifest used to look ``name_or_entry`` up. ``deadline_s`` is what each mirror gets to
-    deliver the file (default :func:`deadline_for` its size); then the next mirror is tried.
+    manifest used to look ``name_or_entry`` up. ``deadline_s`` is the wall-clock time each
+    mirror gets to deliver the file, stalls included (default: ``$SOLO_DEEPFUSION_DOWNLOAD_
+    DEADLINE``, else :func:`deadline_for` its size); then the next mirror is tried.
     """
+    deadline_s = check_deadline(deadline_s)
     entry = (
         name_or_entry if isinstance(name_or_entry, ZooEntry) else get_entry(name_or_entry, manifest)
     )

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -184,6 +185,7 @@ def analyse_checkpoint(
         raise ValueError("batch_size and eval_batch_sizes must be >= 2, num_views >= 1")
     model, cfg, ckpt = load_for_analysis(checkpoint)
     out = Path(out_dir) if out_dir is not None else default_out_dir(checkpoint, ckpt)
+    check_out_dir(out)
     model.to(resolve_device(device))
     dataset = guard_images(ImageFolder(str(data), transform=eval_transform(cfg)))
     if len(dataset) < 2:
@@ -281,18 +283,40 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def safe_name(name: str) -> str:
+    """``name`` as one harmless path component: only letters, digits, ``.``, ``-`` and ``_``,
+    no leading dot (``../../x`` -> ``x``; never empty)."""
+    return re.sub(r"[^\w.-]+", "_", name).lstrip("._") or "checkpoint"
+
+
 def default_out_dir(checkpoint: str | os.PathLike, weights: Path) -> Path:
-    """``<run>/fusion`` for a run's checkpoint; ``./fusion/<entry>`` for a zoo entry."""
-    if weights.suffix == ".safetensors":  # a zoo entry: never write into the download cache
-        return Path("fusion") / str(checkpoint)
+    """``<run>/fusion`` for a run's ``.ckpt``; ``./fusion/<name>`` for a zoo entry (its name)
+    or a ``.safetensors`` file (its stem): a sanitised name, never the path as given, so
+    ``..``, absolute paths and symlinks cannot lead the output out of ``./fusion``."""
+    if weights.suffix == ".safetensors":  # never write into the download cache
+        name = Path(str(checkpoint)).name
+        return Path("fusion") / safe_name(name.removesuffix(".safetensors"))
     return weights.parent / "fusion"
 
 
-def run_fusion(args: argparse.Namespace) -> None:
-    """``solo-deepfusion fusion`` with parsed ``args``; bad input is a :class:`UsageError`."""
+def check_out_dir(out: Path) -> None:
+    """A :class:`UsageError` unless ``out`` is, or can be made, a folder."""
+    for folder in (out, *out.parents):
+        if folder.exists() and not folder.is_dir():
+            where = "" if folder == out else f" (--out {out} is under it)"
+            raise UsageError(f"--out {folder} is a file, not a folder{where}")
+
+
+def run_fusion(args: argparse.Namespace) -> int:
+    """``solo-deepfusion fusion`` with parsed ``args``; bad input is a :class:`UsageError`, a
+    zoo entry that cannot be fetched exit status 1."""
+    from solo_deepfusion.hub import ZooError
+
     data = args.data or _default_data()
     if data is None:
         raise UsageError(f"give --data or set {DATA_ENV} to a folder with test/")
+    if args.out is not None:
+        check_out_dir(args.out)
     try:
         result = analyse_checkpoint(
             args.checkpoint,
@@ -309,10 +333,16 @@ def run_fusion(args: argparse.Namespace) -> None:
         )
     except UsageError:
         raise
+    except ZooError as err:  # a zoo entry that could not be fetched (offline, mirrors down)
+        print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 1
     except (FileNotFoundError, ValueError) as err:  # the analysis names what is wrong
         raise UsageError(str(err)) from err
+    except OSError as err:  # the output folder cannot be written
+        raise UsageError(f"cannot write the analysis: {err}") from err
     out = args.out or default_out_dir(args.checkpoint, Path(result["checkpoint"]))
     print(f"\nwrote {out}/heatmaps.png, fusion_ratio.png, fusion.json")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

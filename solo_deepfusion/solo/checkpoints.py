@@ -23,12 +23,14 @@ import pickle
 import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock, Timeout
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
@@ -121,6 +123,10 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     return checkpoint
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a folder made read-only meanwhile)."""
+
+
 class SoloCheckpointIO(TorchCheckpointIO):
     """Saves solo-learn checkpoints atomically and reads them with :func:`read_checkpoint`
     (``weights_only=True``); ``static_lr`` partials are dropped both ways."""
@@ -133,8 +139,17 @@ class SoloCheckpointIO(TorchCheckpointIO):
         if "://" in str(path):  # remote storage: Lightning's own writer
             super().save_checkpoint(checkpoint, path, storage_options)
             return
-        with atomic_path(path) as tmp:
-            torch.save(checkpoint, tmp)
+        try:
+            with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+                torch.save(checkpoint, fh)
+        except (OSError, RuntimeError) as err:  # a full disk: the previous checkpoint stays
+            # torch's zip writer reports a failed write of a file object as a RuntimeError
+            # whose context is the OSError
+            cause = err if isinstance(err, OSError) else err.__context__
+            if not isinstance(cause, OSError):
+                raise
+            reason = cause.strerror or str(cause)
+            raise CheckpointWriteError(f"cannot write the checkpoint {path}: {reason}") from err
 
     def load_checkpoint(
         self,
@@ -145,7 +160,17 @@ class SoloCheckpointIO(TorchCheckpointIO):
         del weights_only
         if not get_filesystem(path).exists(path):
             raise FileNotFoundError(f"Checkpoint file not found: {path}")
-        return read_checkpoint(path, map_location)
+        return keep_new_horizon(read_checkpoint(path, map_location))
+
+
+def keep_new_horizon(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """Drop the saved length of solo-learn's warm-up cosine schedules, so a resumed run follows
+    the relaunch's ``max_epochs`` (a run may grow). The saved one would end the cosine early, and
+    a 1-epoch schedule of 1 warm-up epoch dies in ``get_lr`` with a ``ZeroDivisionError``."""
+    for state in checkpoint.get("lr_schedulers", []):
+        if "warmup_epochs" in state:  # LinearWarmupCosineAnnealingLR
+            state.pop("max_epochs", None)
+    return checkpoint
 
 
 class AtomicCheckpointer(Checkpointer):
@@ -189,20 +214,88 @@ def _notice(message: str) -> None:
     print(f"auto-resume: {message}", file=sys.stderr)
 
 
+# Settings that do not change what a run trains: a relaunch may differ in them and still resume
+# (``max_epochs`` only upwards). Everything else in ``args.json`` is the run's identity.
+NOT_IDENTITY = (
+    "checkpoint",
+    "auto_resume",
+    "resume_from_checkpoint",
+    "wandb_run_id",
+    "wandb.enabled",
+    "wandb.offline",
+    "data.num_workers",
+    "enable_progress_bar",
+    "enable_model_summary",
+    "num_sanity_val_steps",
+    "log_every_n_steps",
+)
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a.b.0.c": leaf}`` for nested dicts and lists (an empty container is a leaf)."""
+    if isinstance(value, dict) and value:
+        items = value.items()
+    elif isinstance(value, list) and value:
+        items = enumerate(value)
+    else:
+        return {prefix: value}
+    flat: dict[str, Any] = {}
+    for key, item in items:
+        flat.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def _as_json(cfg: DictConfig | dict) -> dict[str, Any]:
+    """``cfg`` as ``args.json`` records it (what JSON cannot hold: ``"<not serializable>"``)."""
+    container = OmegaConf.to_container(cfg) if isinstance(cfg, DictConfig) else cfg
+    return json.loads(json.dumps(container, default=lambda o: "<not serializable>"))
+
+
+def identity_differences(args: DictConfig | dict, cfg: DictConfig) -> list[tuple[str, Any, Any]]:
+    """``(key, the run's value, the command's value)`` for every setting that makes ``cfg``
+    another run than the one ``args`` (its ``args.json``) describes; empty: the same run.
+
+    A missing key equals ``None``; ``max_epochs`` may grow; :data:`NOT_IDENTITY` is ignored.
+    """
+    old, new = _flatten(_as_json(args)), _flatten(_as_json(cfg))
+    differences = []
+    for key in sorted(old.keys() | new.keys()):
+        if any(key == k or key.startswith(f"{k}.") for k in NOT_IDENTITY):
+            continue
+        before, now = old.get(key), new.get(key)
+        grows = isinstance(before, int) and isinstance(now, int) and now >= before
+        if before != now and not (key == "max_epochs" and grows):
+            differences.append((key, before, now))
+    return differences
+
+
+def describe_differences(differences: Sequence[tuple[str, Any, Any]], limit: int = 3) -> str:
+    """``data.train_path='a' (now 'b'), seed=5 (now 6), and 2 more`` (``None``: ``unset``)."""
+
+    def value(v: Any) -> str:
+        return "unset" if v is None else repr(v)
+
+    text = ", ".join(f"{k}={value(old)} (now {value(new)})" for k, old, new in differences[:limit])
+    more = len(differences) - limit
+    return text + (f", and {more} more" if more > 0 else "")
+
+
 def find_resumable(
-    logdir: Path, cfg: DictConfig, should_match: Sequence[str], max_hours: float
+    logdir: Path, cfg: DictConfig, max_hours: float
 ) -> tuple[Path | None, str | None]:
     """``(checkpoint, wandb run id)`` a relaunch of ``cfg`` resumes, or ``(None, None)``.
 
-    Among the run folders ``<logdir>/<version>/`` whose ``args.json`` agrees with ``cfg`` on
-    every key of ``should_match``, the newest complete checkpoint (by epoch, then by time,
-    within ``max_hours``) wins. Checkpoints cut short or corrupted, and checkpoints without a
-    readable ``args.json`` beside them, are skipped with a one-line notice, never loaded.
+    Among the run folders ``<logdir>/<version>/`` whose ``args.json`` describes the same run as
+    ``cfg`` (:func:`identity_differences`), the newest complete checkpoint (by epoch, then by
+    time, within ``max_hours``) wins. Checkpoints cut short or corrupted, and checkpoints without
+    a readable ``args.json`` beside them, are skipped with a one-line notice, never loaded. When
+    no run matches but one differs, one line names the closest such run and how it differs.
     """
     if not logdir.is_dir():
         return None, None
     oldest = time.time() - max_hours * 3600
     found: list[tuple[float, Path, DictConfig]] = []
+    other: tuple[tuple[int, float], Path, list[tuple[str, Any, Any]]] | None = None
     for folder in sorted(p for p in logdir.iterdir() if p.is_dir()):
         checkpoints = sorted(folder.glob("*.ckpt"), key=checkpoint_epoch, reverse=True)
         if not checkpoints:
@@ -212,9 +305,11 @@ def find_resumable(
         except (UsageError, OSError):
             _notice(f"skipping {folder}: no readable args.json beside its checkpoints")
             continue
-        if any(
-            omegaconf_select(args, k, None) != omegaconf_select(cfg, k, None) for k in should_match
-        ):
+        differences = identity_differences(args, cfg)
+        if differences:  # the closest such run is named, the newest among equals
+            rank = (-len(differences), max(c.stat().st_mtime for c in checkpoints))
+            if other is None or rank > other[0]:
+                other = (rank, folder, differences)
             continue
         for ckpt in checkpoints:
             problem = unreadable(ckpt)
@@ -225,9 +320,96 @@ def find_resumable(
                 found.append((ckpt.stat().st_mtime, ckpt, args))
             break
     if not found:
+        if other is not None:
+            _notice(
+                f"not resuming {other[1]}: it was trained with "
+                f"{describe_differences(other[2])}; starting a new run folder"
+            )
         return None, None
     _, ckpt, args = max(found, key=lambda item: item[0])
     return ckpt, omegaconf_select(args, "wandb_run_id", None)
+
+
+# Settings that decide the model's parameters: a checkpoint of another value cannot be resumed.
+MODEL_KEYS = ("method", "backbone", "projector", "method_kwargs")
+
+
+def check_fits(path: Path, model: torch.nn.Module, cfg: DictConfig) -> None:
+    """Raise a one-line :class:`UsageError` unless the checkpoint at ``path`` (named by
+    ``resume_from_checkpoint``) is one of the model ``cfg`` trains: the same method, backbone
+    and head in its ``args.json`` (when there is one), and the same weights, name by name and
+    shape by shape."""
+    what = f"resume_from_checkpoint={path}"
+    args_file = path.parent / "args.json"
+    if args_file.is_file():
+        differences = [
+            d
+            for d in identity_differences(read_args(args_file), cfg)
+            if d[0].split(".")[0] in MODEL_KEYS
+        ]
+        if differences:
+            raise UsageError(
+                f"{what} is another model: its run has {describe_differences(differences)}; "
+                "give the run's settings, or drop resume_from_checkpoint"
+            )
+    try:
+        saved = read_checkpoint(path)["state_dict"]
+    except (KeyError, TypeError) as err:
+        raise UsageError(f"{what} holds no state_dict") from err
+    except ValueError as err:
+        raise UsageError(f"{what}: {err}") from err
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(getattr(v, "shape", ())) for k, v in saved.items()}
+    problems = [f"missing {k}" for k in expected if k not in found]
+    problems += [f"unexpected {k}" for k in found if k not in expected]
+    problems += [
+        f"{k} is {found[k]}, the model's {expected[k]}"
+        for k in expected
+        if k in found and found[k] != expected[k]
+    ]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise UsageError(
+            f"{what} does not fit the model of this command ({cfg.method}): {problems[0]}{more}"
+        )
+
+
+def _is_rank_zero() -> bool:
+    """False in the processes Lightning's DDP starts for the other ranks."""
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+
+
+def lock_file(folder: Path) -> Path:
+    """The lock a training process holds on its run folder: ``.<folder name>.lock`` beside it
+    (inside, it would make a new run's folder before Lightning's logger makes it)."""
+    return folder.with_name(f".{folder.name}.lock")
+
+
+@contextmanager
+def run_folder_lock(folder: Path) -> Iterator[None]:
+    """Hold :func:`lock_file` of ``folder`` while a process trains in it; a second process that
+    would train in it is refused in one line (waiting would resume a run the first one is still
+    changing, and both would write its checkpoints and ``metrics.csv``)."""
+    if not _is_rank_zero():  # rank 0 holds it for the whole job
+        yield
+        return
+    path = lock_file(folder)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"cannot create {path.parent}: {err.strerror}") from err
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise UsageError(
+            f"{folder} is in use: another process is training in it (it holds {path}); "
+            "refusing to train there too. Wait for it to end, or give another checkpoint.dir"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 # ---------------------------------------------------------------------------------------------

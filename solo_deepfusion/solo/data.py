@@ -32,7 +32,7 @@ from solo.data.pretrain_dataloader import (
 from solo.data.pretrain_dataloader import prepare_datasets as pretrain_datasets
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import CIFAR10, CIFAR100, STL10, DatasetFolder
-from torchvision.datasets.folder import default_loader
+from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
 
 from solo_deepfusion.datasets import unpacked
 from solo_deepfusion.errors import UsageError
@@ -105,6 +105,29 @@ def check_data_paths(cfg: DictConfig) -> None:
     for key in ("train_path", "val_path"):
         if key in cfg.data:
             check_local_data(cfg.data.dataset, cfg.data[key], f"data.{key}")
+            if cfg.data.get("format") == "image_folder" and is_image_folder(cfg.data[key]):
+                check_class_folders(cfg.data[key], f"data.{key}")
+
+
+def _holds_an_image(folder: str) -> bool:
+    """Whether ``folder`` (or a folder below it) holds a file ``ImageFolder`` would read."""
+    for _, _, files in os.walk(folder, followlinks=True):
+        if any(name.lower().endswith(IMG_EXTENSIONS) for name in files):
+            return True
+    return False
+
+
+def check_class_folders(path: str | os.PathLike, field: str) -> None:
+    """Refuse an image folder with a class folder that holds no image: ``ImageFolder`` would stop
+    with a traceback (names only are listed, no image is read)."""
+    classes = sorted(entry.path for entry in os.scandir(path) if entry.is_dir())
+    empty = [Path(c).name for c in classes if not _holds_an_image(c)]
+    if empty:
+        shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+        raise UsageError(
+            f"{field}={path}: class folder(s) {shown} hold no image "
+            f"({', '.join(IMG_EXTENSIONS)}); remove them or add images"
+        )
 
 
 class BadImageError(UsageError):

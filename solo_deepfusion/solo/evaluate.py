@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 from argparse import Namespace
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -216,6 +217,25 @@ def _positive(kind: type) -> Callable[[str], Any]:
     return parse
 
 
+# solo-learn's weighted k-NN weighs a neighbour by exp(cosine / T) in float32: below this T,
+# exp(1 / T) overflows to inf, the weights become inf/NaN and the accuracy falls to chance.
+MIN_TEMPERATURE = 1 / 80
+
+
+def _temperature(text: str) -> float:
+    """An argparse ``type``: a finite temperature of at least :data:`MIN_TEMPERATURE`."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value >= MIN_TEMPERATURE):
+        raise argparse.ArgumentTypeError(
+            f"must be a finite number >= {MIN_TEMPERATURE:g} (exp(1/T) overflows float32 "
+            f"below it), got {text}"
+        )
+    return value
+
+
 def knn_parser() -> CommandParser:
     """``main_knn``'s options (its ``_`` spellings are accepted too), with defaults from the run."""
     parser = CommandParser(prog="solo-deepfusion knn", allow_abbrev=False)
@@ -234,7 +254,7 @@ def knn_parser() -> CommandParser:
     add("--k", type=_positive(int), nargs="+", default=[20])
     add(
         "--temperature",
-        type=_positive(float),
+        type=_temperature,
         nargs="+",
         default=[0.07],
         help="cosine distance only",
@@ -354,22 +374,26 @@ def run_knn(argv: Sequence[str]) -> dict[str, Any]:
         extract_features(model, split, args.batch_size, args.num_workers, device)
         for split in splits
     )
-    rows = []
+    rows, notes = [], []
+    num_train = len(train[1])
+    for k in sorted({k for k in args.k if k > num_train}):
+        notes.append(f"k={k} is more than the {num_train} training images: k={num_train} is used")
     for feature, distance, k, temperature in _knn_settings(args):
+        used = min(k, num_train)  # what solo-learn's classifier uses; reported as such
         acc1, acc5 = knn_accuracy(
-            (train[0][feature], train[1]), (test[0][feature], test[1]), k, temperature, distance
+            (train[0][feature], train[1]), (test[0][feature], test[1]), used, temperature, distance
         )
         rows.append(
             {
                 "feature": feature,
                 "distance": distance,
-                "k": k,
+                "k": used,
+                "k_requested": k,
                 "temperature": temperature,
                 "acc1": acc1,
                 "acc5": acc5,
             }
         )
-    notes = []
     if run.transformer_head and "projector" in args.feature_type:
         notes.append(
             "projector features come from a transformer head attending across each eval batch "

@@ -23,6 +23,7 @@ import importlib.resources
 import inspect
 import os
 import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
@@ -30,13 +31,12 @@ from typing import Any, NoReturn
 
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.errors import HydraException, MissingConfigException
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, OmegaConf
-from solo.utils.auto_resumer import AutoResumer
 from solo.utils.checkpointer import Checkpointer
 from solo.utils.misc import omegaconf_select
 
@@ -44,6 +44,7 @@ from solo_deepfusion.errors import UsageError
 from solo_deepfusion.solo.checkpoints import (
     AtomicCheckpointer,
     SoloCheckpointIO,
+    checkpoint_epoch,
     find_resumable,
     unreadable,
 )
@@ -121,6 +122,27 @@ def parse_config_args(
     return args, overrides
 
 
+def hydra_message(err: Exception) -> str:
+    """Hydra's multi-line message on one line, without its search path and docs links."""
+    lines = []
+    for line in str(err).splitlines():
+        line = line.strip()
+        if line.startswith("Config search path"):
+            break
+        if line and not line.startswith("See https://"):
+            lines.append(line)
+    return " ".join(lines) or type(err).__name__
+
+
+def override_message(override: str, reason: str) -> str:
+    """Why Hydra cannot parse ``override``; an ``=`` in its value gets a hint to quote it."""
+    message = f"cannot parse the override {override!r}: {reason}"
+    key, sep, value = override.partition("=")
+    if sep and "=" in value and value[:1] not in ("'", '"'):
+        message += f"; its value holds '=': quote it for Hydra, e.g. \"{key}='{value}'\""
+    return message
+
+
 def compose_config(config_dir: Path, config_name: str, overrides: Sequence[str]) -> DictConfig:
     """The recipe with its overrides, as ``@hydra.main`` hands it to ``main_pretrain``.
 
@@ -136,9 +158,17 @@ def compose_config(config_dir: Path, config_name: str, overrides: Sequence[str])
             raise UsageError(
                 f"unknown projector {choice!r}; choose from: {', '.join(sorted(err.options))}"
             ) from err
-        raise UsageError(str(err)) from err
+        if err.missing_cfg_file is None or err.missing_cfg_file == config_name:
+            recipes = sorted(p.stem for p in config_dir.glob("*.yaml"))
+            raise UsageError(
+                f"--config-name {config_name}: no such recipe in {config_dir}; "
+                f"choose from: {', '.join(recipes) or 'none there'}"
+            ) from err
+        raise UsageError(hydra_message(err)) from err
+    except OverrideParseException as err:
+        raise UsageError(override_message(err.override, hydra_message(err))) from err
     except HydraException as err:
-        raise UsageError(str(err)) from err
+        raise UsageError(hydra_message(err)) from err
     OmegaConf.set_struct(cfg, False)
     OmegaConf.resolve(cfg)
     return cfg
@@ -185,6 +215,11 @@ def prepare_hardware(cfg: DictConfig) -> DictConfig:
     accelerator = omegaconf_select(cfg, "accelerator", "auto")
     if accelerator == "auto":
         accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UsageError(
+            f"accelerator={accelerator}: no CUDA GPU is visible here; use accelerator=cpu "
+            "or accelerator=auto"
+        )
     cfg.accelerator = accelerator
     cfg.devices = device_indices(omegaconf_select(cfg, "devices", "auto"), accelerator)
     if accelerator == "cpu":
@@ -199,14 +234,10 @@ def prepare_hardware(cfg: DictConfig) -> DictConfig:
 # Resuming, logging, the trainer
 
 
-# Keys a run's args.json must share with the relaunched command for auto-resume (solo-learn's,
-# plus the projector: a depth-4 head never resumes a depth-10 one).
-RESUME_MATCH = (*AutoResumer.SHOULD_MATCH, "projector")
-
-
 def resume_checkpoint(cfg: DictConfig, logdir: Path) -> tuple[str | None, str | None]:
     """``(checkpoint to resume or None, its wandb run id)``, as main_pretrain decides it, but
-    only from complete checkpoints with their ``args.json`` (:func:`find_resumable`)."""
+    only from complete checkpoints with their ``args.json`` whose run is the one ``cfg``
+    describes (:func:`find_resumable`: the same data, head, seed, batch size, ...)."""
     if cfg.resume_from_checkpoint is not None:
         path = cfg.resume_from_checkpoint
         del cfg.resume_from_checkpoint  # as main_pretrain: not recorded in args.json
@@ -216,10 +247,17 @@ def resume_checkpoint(cfg: DictConfig, logdir: Path) -> tuple[str | None, str | 
         return path, None
     if not cfg.auto_resume.enabled:
         return None, None
-    path, run_id = find_resumable(logdir, cfg, RESUME_MATCH, cfg.auto_resume.max_hours)
+    path, run_id = find_resumable(logdir, cfg, cfg.auto_resume.max_hours)
     if path is None:
         return None, None
     print(f"Resuming from previous checkpoint that matches specifications: '{path}'")
+    epoch = checkpoint_epoch(path)
+    if epoch + 1 >= cfg.max_epochs:
+        print(
+            f"auto-resume: {path} ends epoch {epoch}, the last of max_epochs={cfg.max_epochs}: "
+            "nothing left to train (raise max_epochs to train on)",
+            file=sys.stderr,
+        )
     return str(path), run_id
 
 

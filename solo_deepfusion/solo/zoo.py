@@ -29,6 +29,7 @@ from solo_deepfusion.hub.download import download
 from solo_deepfusion.hub.manifest import PathLike, ZooEntry, get_entry
 from solo_deepfusion.hub.weights import load_state_dict, save_state_dict, upcast
 from solo_deepfusion.provenance import git_commit
+from solo_deepfusion.solo import variant_name
 from solo_deepfusion.solo.checkpoints import PretrainedRun, read_args
 from solo_deepfusion.solo.data import CIFAR
 from solo_deepfusion.solo.measure import head_module
@@ -167,6 +168,38 @@ def solo_args(cfg: DictConfig) -> dict[str, Any]:
     return args
 
 
+def check_method(entry: ZooEntry, cfg: DictConfig) -> None:
+    """A ``ValueError`` unless the entry's ``args.json`` trains the method the manifest says
+    (``method`` with its ``projector``): the export is named and rebuilt from it."""
+    projector = entry.projector.get("name", "mlp") if entry.projector else "mlp"
+    try:
+        expected = variant_name(entry.method, projector)
+    except ValueError:
+        expected = entry.method
+    if cfg.method not in (expected, entry.method):
+        raise ValueError(
+            f"{entry.name}: its args.json trains method={cfg.method}, the manifest says "
+            f"{expected} (method={entry.method}, projector={projector}); not exported"
+        )
+
+
+def check_loads(entry: ZooEntry, cfg: DictConfig, state: dict[str, torch.Tensor]) -> None:
+    """A ``ValueError`` unless ``state`` loads strictly into the model solo-learn builds from
+    the exported ``args.json`` (what ``main_knn.py`` will do), names and shapes alike."""
+    from solo_deepfusion.solo.model import build_model
+
+    model_cfg = OmegaConf.create(solo_args(cfg))
+    OmegaConf.set_struct(model_cfg, False)
+    try:
+        build_model(model_cfg).load_state_dict(state, strict=True)
+    except RuntimeError as err:  # torch lists missing/unexpected keys and shape mismatches
+        reason = " ".join(line.strip() for line in str(err).splitlines()[1:3])
+        raise ValueError(
+            f"{entry.name}: its full weights do not load into the {cfg.method} model its "
+            f"args.json describes ({reason[:300]}); not exported"
+        ) from err
+
+
 def export_solo(
     name: str | ZooEntry,
     out_dir: PathLike,
@@ -183,17 +216,21 @@ def export_solo(
     ``backbone.*`` keys, ``main_knn.py`` calls ``METHODS[args["method"]].load_from_checkpoint``
     (a ``<method>_transformer`` needs ``import solo_deepfusion.solo`` first). Returns the folder
     (``--pretrained_checkpoint_dir`` of main_knn). Refuses a folder holding another ``.ckpt``,
-    since main_knn takes the first one it lists.
+    since main_knn takes the first one it lists, an ``args.json`` of another method than the
+    entry's (:func:`check_method`), and weights that do not strictly load into the model it
+    describes (:func:`check_loads`); nothing is written before these checks pass.
     """
     entry = _entry(name, manifest)
     kwargs = {"cache_dir": cache_dir, "offline": offline, "progress": progress}
     cfg = _cfg(entry, **kwargs)
+    check_method(entry, cfg)
     folder = Path(out_dir) / cfg.method
     ckpt = folder / f"{entry.name}.ckpt"
     others = sorted(p.name for p in folder.glob("*.ckpt") if p != ckpt)
     if others:
         raise FileExistsError(f"{folder} already holds {others}; export to another folder")
     state = upcast(load_state_dict(download(entry, role="full", **kwargs)))
+    check_loads(entry, cfg, state)
     checkpoint = {"state_dict": state, "pytorch-lightning_version": lightning.__version__}
     with atomic_path(ckpt) as tmp:
         torch.save(checkpoint, tmp)

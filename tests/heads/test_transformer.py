@@ -350,11 +350,29 @@ def test_seeded_construction_and_forward_are_deterministic():
         ({"input_norm": "group"}, r"input_norm='group'.*\['batch', 'layer', 'none'\]"),
         ({"output_norm": "layer"}, r"output_norm='layer'.*\['batch', 'none'\]"),
         ({"mixing": "uniform"}, r"mixing='uniform'.*\['attention', 'mean', 'none'\]"),
+        # wrong types are refused, never truncated or cast (True would be 1 head)
+        ({"dim": "128"}, r"dim must be a positive integer, got '128'"),
+        ({"depth": 2.5}, r"depth must be an integer >= 0, got 2.5"),
+        ({"heads": True}, r"heads must be a positive integer, got True"),
+        ({"ffn_dim": 1.5}, r"ffn_dim must be a positive integer, got 1.5"),
+        ({"dropout": "abc"}, r"dropout must be in \[0, 1\), got 'abc'"),
+        ({"dropout": float("nan")}, r"dropout must be in \[0, 1\), got nan"),
     ],
 )
 def test_bad_configuration_names_the_field(kwargs, message):
     with pytest.raises(ValueError, match=message):
         tiny_head(**kwargs)
+
+
+@pytest.mark.parametrize("hidden_dim", [-5, 2.5, True])
+def test_every_head_refuses_a_hidden_dim_that_is_not_a_size(hidden_dim):
+    from solo_deepfusion.heads.registry import build_projector
+
+    for name in ("transformer", "mlp"):
+        with pytest.raises(
+            ValueError, match=f"hidden_dim must be an integer >= 0, got {hidden_dim}"
+        ):
+            build_projector(name, 24, hidden_dim, 16)
 
 
 def test_bad_inputs_name_the_problem():

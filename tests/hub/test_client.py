@@ -48,6 +48,7 @@ class Route:
     cut_after: list[int] = field(default_factory=list)  # per request: close after N body bytes
     redirect: str | None = None
     trickle_s: float | None = None  # send the body one byte at a time, this far apart
+    stall_after: int | None = None  # send this many body bytes, then nothing until closed
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -88,6 +89,12 @@ class _Handler(BaseHTTPRequestHandler):
         body = data[start:]
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
+        if route.stall_after is not None:
+            self.wfile.write(body[: route.stall_after])
+            self.wfile.flush()
+            srv.closing.wait(60)  # a stalled server: the connection stays open, silent
+            self.close_connection = True
+            return
         if cut is not None:
             self.wfile.write(body[:cut])
             self.wfile.flush()
@@ -111,6 +118,7 @@ class Server:
         self.httpd.routes = {}
         self.httpd.requests = []
         self.httpd.lock = threading.Lock()
+        self.httpd.closing = threading.Event()
         self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
 
@@ -126,6 +134,7 @@ class Server:
         return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
 
     def close(self) -> None:
+        self.httpd.closing.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 
@@ -232,6 +241,46 @@ def test_only_slow_mirrors_fail_with_the_reason(server, tmp_path):
     )
     with pytest.raises(hub.DownloadError, match=r"too slow: \d+ of 3145851 bytes"):
         hub.download("m1", manifest=manifest, progress=False, deadline_s=0.5)
+
+
+def test_a_mirror_that_stalls_after_the_headers_is_left_at_its_deadline(server, tmp_path, capsys):
+    """Headers and 10 bytes, then silence: ``zoo download --deadline 5`` takes the next mirror
+    within about 10 s (the stall is cut at the deadline, not a 30 s socket timeout later)."""
+    server.routes["/stall"] = Route(stall_after=10)
+    server.routes["/fast"] = Route()
+    urls = [server.url("/stall"), server.url("/fast")]
+    manifest = write_manifest(tmp_path / "zoo", [entry_rec(files=[file_rec(urls)])])
+    argv = ["download", "m1", "--manifest", str(manifest), "--cache-dir", str(tmp_path / "c")]
+    began = time.monotonic()
+    assert cli.main([*argv, "--deadline", "5"]) == 0
+    assert 5 <= time.monotonic() - began < 10
+    assert Path(capsys.readouterr().out.strip()).read_bytes() == PAYLOAD
+    assert [p for p, _ in server.requests] == ["/stall", "/fast"]
+
+
+def test_a_stalled_only_mirror_fails_at_the_deadline_of_the_environment(
+    server, tmp_path, monkeypatch, capsys
+):
+    server.routes["/stall"] = Route(stall_after=10)
+    manifest = write_manifest(
+        tmp_path / "zoo", [entry_rec(files=[file_rec([server.url("/stall")])])]
+    )
+    monkeypatch.setenv("SOLO_DEEPFUSION_DOWNLOAD_DEADLINE", "1.5")
+    argv = ["download", "m1", "--manifest", str(manifest), "--cache-dir", str(tmp_path / "c")]
+    began = time.monotonic()
+    assert cli.main(argv) == 1
+    assert time.monotonic() - began < 4
+    assert "too slow: 10 of 3145851 bytes within its deadline" in capsys.readouterr().err
+    assert len(server.requests) == 1  # not retried: the deadline was spent
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon"])
+def test_a_deadline_that_is_not_seconds_is_refused(tmp_path, capsys, monkeypatch, value):
+    assert cli.main(["download", "m1", "--deadline", value]) == 2
+    assert f"--deadline: must be a number of seconds > 0, got '{value}'" in capsys.readouterr().err
+    monkeypatch.setenv("SOLO_DEEPFUSION_DOWNLOAD_DEADLINE", value)
+    with pytest.raises(ValueError, match=f"SOLO_DEEPFUSION_DOWNLOAD_DEADLINE='{value}' is not"):
+        hub.download("m1", manifest=tmp_path / "none.yaml")
 
 
 def test_the_default_deadline_grows_with_the_file():

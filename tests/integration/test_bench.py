@@ -208,6 +208,44 @@ def test_cli_writes_report_and_plot(three_seeds, tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"--digits": "-3"}, "argument --digits: must be an integer from 0 to 10, got '-3'"),
+        ({"--baseline": "nope"}, "error: --baseline nope: no cell has that projector; present: "),
+        ({"--metrics": "nope"}, "error: --metrics nope: not measured in these results; measured"),
+        ({"--out": "<file>/report.md"}, "error: --out {file}/report.md: {file} is a file, not a"),
+        ({"--plot": "<file>/p.png"}, "error: --plot {file}/p.png: {file} is a file, not a folder"),
+        ({"accuracy": 250}, "line 2: metrics.offline_linear_acc1=250 is not an accuracy in [0, 1]"),
+        ({"accuracy": "0.9"}, "line 2: metrics.offline_linear_acc1='0.9' is not a number"),
+        ({"bytes": b"\xff\xfe not UTF-8\n"}, "no finished (status ok) record in the results (1 "),
+        ({"--verdict": "<binary>"}, "error: --verdict {binary} is not UTF-8 text (invalid start"),
+    ],
+)
+def test_cli_bad_report_input_is_one_line(three_seeds, tmp_path, capsys, change, message):
+    taken = tmp_path / "taken"
+    taken.write_text("mine")
+    results = three_seeds
+    if "accuracy" in change:
+        lines = three_seeds.read_text().splitlines()
+        line = json.loads(lines[1])
+        line["metrics"]["offline_linear_acc1"] = change.pop("accuracy")
+        results = write_jsonl(tmp_path / "bad.jsonl", [json.loads(lines[0]), line])
+    if "bytes" in change:
+        results = tmp_path / "binary.jsonl"
+        results.write_bytes(change.pop("bytes"))
+    binary = tmp_path / "verdict.md"
+    binary.write_bytes(b"\xff\xfe")
+    argv = [str(results)]
+    for option, value in change.items():
+        argv += [option, value.replace("<file>", str(taken)).replace("<binary>", str(binary))]
+    assert bench_report.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message.format(file=taken, binary=binary) in err[-1]
+    assert "Traceback" not in "\n".join(err)
+    assert taken.read_text() == "mine"
+
+
 # ---------------------------------------------------------------------------------------------
 # The runner (needs solo-learn)
 
@@ -600,3 +638,21 @@ def test_one_real_cell_through_the_launcher(bench, cifar_tiny, tmp_path, capsys)
     assert bench.main(argv) == 0  # resumed: nothing left to train
     assert "0 ran, 2 already done" in capsys.readouterr().out
     assert len(results.read_text().splitlines()) == 2
+
+
+@requires_host
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--projectors", "transformer:depth=abc"], "depth must be an integer >= 0, got 'abc'"),
+        (["--batch-sizes", "0"], "optimizer.batch_size must be a positive integer, got 0"),
+        (["--epochs", "0"], "max_epochs must be a positive integer, got 0"),
+        (["--methods", "nope"], "error: --methods nope: not a solo-learn method; choose from: "),
+    ],
+)
+def test_dry_run_checks_every_cell_as_pretrain_does(bench, tmp_path, capsys, extra, message):
+    argv = ["--config-name", "cifar10_quick", "--results", str(tmp_path / "r.jsonl")]
+    assert bench.main([*argv, "--work", str(tmp_path / "work"), "--dry-run", *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and "Error(" not in err[0]
+    assert not (tmp_path / "work").exists()

@@ -26,7 +26,6 @@ from solo_deepfusion.solo.checkpoints import (
     unreadable,
 )
 from solo_deepfusion.solo.model import build_model
-from solo_deepfusion.solo.run import RESUME_MATCH
 
 SMALL = {"name": "transformer", "preset": "small", "depth": 1, "dim": 32, "heads": 4}
 
@@ -136,7 +135,7 @@ def test_auto_resume_takes_the_last_complete_checkpoint_and_says_what_it_skipped
     deeper = {**args, "projector": {"name": "transformer", "depth": 6}}
     write_run(logdir / "v3", deeper, {"r-v3-ep=9.ckpt": good})  # another projector
 
-    path, run_id = find_resumable(logdir, cfg, RESUME_MATCH, max_hours=36)
+    path, run_id = find_resumable(logdir, cfg, max_hours=36)
     assert path == logdir / "v1" / "r-v1-ep=0.ckpt" and run_id is None
     notices = capsys.readouterr().err.strip().splitlines()
     assert len(notices) == 2
@@ -144,10 +143,10 @@ def test_auto_resume_takes_the_last_complete_checkpoint_and_says_what_it_skipped
     assert notices[1] == (
         f"auto-resume: skipping {logdir / 'v2'}: no readable args.json beside its checkpoints"
     )
-    assert find_resumable(logdir, OmegaConf.create(deeper), RESUME_MATCH, 36)[0] == (
+    assert find_resumable(logdir, OmegaConf.create(deeper), 36)[0] == (
         logdir / "v3" / "r-v3-ep=9.ckpt"
     )
-    assert find_resumable(tmp_path / "none", cfg, RESUME_MATCH, 36) == (None, None)
+    assert find_resumable(tmp_path / "none", cfg, 36) == (None, None)
 
 
 def test_find_run_takes_the_highest_epoch_and_names_what_is_missing(tmp_path):

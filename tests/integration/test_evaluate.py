@@ -95,6 +95,7 @@ def test_knn_on_backbone_and_projector(pretrained, tmp_path, capsys):
         "--k",
         "1",
         "5",
+        "1000",  # more than the 80 training images: clamped, and reported as the k used
         "--distance-function",
         "cosine",
         "euclidean",
@@ -110,13 +111,16 @@ def test_knn_on_backbone_and_projector(pretrained, tmp_path, capsys):
     assert knn(argv) == 0
     results = json.loads(output.read_text())
     rows = results["results"]
-    # 2 features x (cosine: 2 k x 1 T + euclidean: 2 k)
-    assert len(rows) == 8
+    # 2 features x (cosine: 3 k x 1 T + euclidean: 3 k)
+    assert len(rows) == 12
     assert {row["feature"] for row in rows} == {"backbone", "projector"}
     assert all(0 <= row["acc1"] <= row["acc5"] <= 1 for row in rows)
     assert (results["train_images"], results["val_images"]) == (80, 40)  # paths from args.json
-    assert "batch" in results["notes"][0]  # transformer projector features are batch-dependent
-    assert "projector  euclidean" in capsys.readouterr().out
+    assert {(row["k_requested"], row["k"]) for row in rows} == {(1, 1), (5, 5), (1000, 80)}
+    assert results["notes"][0] == "k=1000 is more than the 80 training images: k=80 is used"
+    assert "batch" in results["notes"][1]  # transformer projector features are batch-dependent
+    out = capsys.readouterr().out
+    assert "projector  euclidean" in out and "note: k=1000 is more than" in out
 
 
 def test_find_run_needs_args_json(pretrained, tmp_path):
@@ -179,14 +183,18 @@ def test_knn_refuses_a_missing_train_path_instead_of_downloading(pretrained, tmp
     ("option", "message"),
     [
         (["--k", "0"], "argument --k: must be > 0, got 0"),
-        (["--temperature", "0"], "argument --temperature: must be > 0, got 0"),
-        (["--temperature", "-1"], "argument --temperature: must be > 0, got -1"),
+        (["--temperature", "0"], "argument --temperature: must be a finite number >= 0.0125"),
+        (["--temperature", "-1"], "argument --temperature: must be a finite number >= 0.0125"),
+        (["--temperature", "inf"], "argument --temperature: must be a finite number >= 0.0125"),
+        (["--temperature", "nan"], "argument --temperature: must be a finite number >= 0.0125"),
+        # exp(1/T) would overflow float32: every neighbour's weight inf, chance-level accuracy
+        (["--temperature", "1e-30"], "argument --temperature: must be a finite number >= 0.0125"),
         (["--batch-size", "0"], "argument --batch-size/--batch_size: must be > 0, got 0"),
     ],
 )
 def test_knn_settings_that_mean_nothing_are_usage_errors(tmp_path, capsys, option, message):
     assert knn(["--checkpoint-dir", str(tmp_path), *option]) == 2
-    assert capsys.readouterr().err.strip() == f"error: solo-deepfusion knn: {message}"
+    assert capsys.readouterr().err.strip().startswith(f"error: solo-deepfusion knn: {message}")
 
 
 @pytest.mark.parametrize(("distance", "temperature"), [("cosine", 0.07), ("euclidean", None)])

@@ -167,7 +167,7 @@ def test_unknown_projector_lists_the_choices(capsys):
         ("projector.preset=huge", "preset='huge' is not supported; choose one of"),
         ("projector.mask=bogus", "mask='bogus' is not supported; choose one of"),
         ("projector.dropout=1.5", "dropout must be in [0, 1), got 1.5"),
-        ("projector.depth=-1", "depth must be >= 0, got -1"),
+        ("projector.depth=-1", "depth must be an integer >= 0, got -1"),
         ("projector.ffn_dim=0", "ffn_dim must be a positive integer, got 0"),
     ],
 )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import pickle
 import pickletools
+import shutil
 import sys
 import zipfile
 from pathlib import Path
@@ -352,3 +353,107 @@ def test_build_zoo_publishes_a_gpu_session_bundle(run, tmp_path, monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(backbone(images()), model.backbone(images()), **HALF_TOL)
     assert (zoo_dir / "cards" / f"{entry}.md").is_file()
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("../../a/b/m.safetensors", "fusion/m"),
+        ("/abs/olute/m.safetensors", "fusion/m"),
+        ("link.safetensors", "fusion/link"),  # a symlink: its own stem, not its target's path
+        ("tiny-df", "fusion/tiny-df"),  # a zoo entry
+        ("../evil", "fusion/evil"),  # a zoo name is only ever a name
+        ("..", "fusion/checkpoint"),
+    ],
+)
+def test_fusion_default_out_is_a_sanitised_name_under_fusion(
+    tmp_path, monkeypatch, given, expected
+):
+    from solo_deepfusion.solo.analysis import default_out_dir
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "target.safetensors").write_bytes(b"x")
+    (tmp_path / "link.safetensors").symlink_to(tmp_path / "target.safetensors")
+    weights = Path(given) if given.endswith(".safetensors") else tmp_path / "c" / "x.safetensors"
+    out = default_out_dir(given, weights)
+    assert out == Path(expected)
+    assert (tmp_path / out).resolve().is_relative_to(tmp_path / "fusion")
+
+
+def test_fusion_of_a_weights_file_up_the_tree_writes_under_fusion(run, zoo, tmp_path, monkeypatch):
+    """``fusion --checkpoint ../../a/b/m.safetensors`` without ``--out``: ``./fusion/m/``."""
+    from PIL import Image
+
+    from solo_deepfusion.solo.analysis import main as fusion
+
+    folder = tmp_path / "a" / "b"
+    folder.mkdir(parents=True)
+    shutil.copy(zoo.parent / "files" / f"{NAME}.full.safetensors", folder / "m.safetensors")
+    shutil.copy(run[2], folder / "args.json")
+    for label in ("a", "b"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (16, 16), (90 * i, 0, 0)).save(tmp_path / "data" / label / f"{i}.png")
+    work = tmp_path / "w" / "x"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    argv = ["--checkpoint", "../../a/b/m.safetensors", "--data", str(tmp_path / "data")]
+    assert fusion([*argv, "--batch-size", "4", "--eval-batch-sizes", "2"]) == 0
+    assert (work / "fusion" / "m" / "fusion.json").is_file()
+    assert sorted(p.name for p in folder.iterdir()) == ["args.json", "m.safetensors"]
+
+
+def test_fusion_out_that_is_a_file_is_one_line(run, tmp_path, capsys):
+    from solo_deepfusion.solo.analysis import main as fusion
+
+    taken = tmp_path / "taken"
+    taken.write_text("mine")
+    for out, message in [
+        (taken, f"error: --out {taken} is a file, not a folder"),
+        (taken / "sub", f"error: --out {taken} is a file, not a folder (--out {taken / 'sub'}"),
+    ]:
+        argv = ["--checkpoint", str(run[1]), "--data", str(tmp_path), "--out", str(out)]
+        assert fusion(argv) == 2
+        assert capsys.readouterr().err.strip().startswith(message)
+    assert taken.read_text() == "mine"
+
+
+def test_fusion_of_a_zoo_entry_offline_with_an_empty_cache_is_one_line(
+    zoo, tmp_path, monkeypatch, capsys
+):
+    from solo_deepfusion.solo.analysis import main as fusion
+
+    monkeypatch.setenv("SOLO_DEEPFUSION_ZOO_MANIFEST", str(zoo))
+    monkeypatch.setenv("SOLO_DEEPFUSION_OFFLINE", "1")
+    assert fusion(["--checkpoint", NAME, "--data", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: offline mode: zoo file {NAME}/")
+
+
+def test_cli_export_refuses_weights_that_do_not_load_and_writes_nothing(run, zoo, tmp_path, capsys):
+    from safetensors.torch import save
+
+    model = run[0]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["projector.extra.weight"] = torch.zeros(2)  # a key the model does not have
+    del state["backbone.conv1.weight"]  # and one it needs
+    manifest = tampered_zoo(zoo, "full", save(state), tmp_path / "zoo")
+    out = tmp_path / "out"
+    assert cli.main(["export", NAME, str(out), "--manifest", str(manifest)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {NAME}: its full weights do not load into the ")
+    assert "backbone.conv1.weight" in err and err.endswith("not exported") and "\n" not in err
+    assert not out.exists()
+
+
+def test_cli_export_refuses_an_args_json_of_another_method(run, zoo, tmp_path, capsys):
+    args = json.loads(run[2].read_text())
+    args["method"] = "byol_transformer"
+    manifest = tampered_zoo(zoo, "args", json.dumps(args).encode(), tmp_path / "zoo")
+    out = tmp_path / "out"
+    assert cli.main(["export", NAME, str(out), "--manifest", str(manifest)]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"error: {NAME}: its args.json trains method=byol_transformer, the manifest says "
+        "simclr_transformer (method=simclr, projector=transformer); not exported"
+    )
+    assert not out.exists()

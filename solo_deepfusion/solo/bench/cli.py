@@ -219,6 +219,11 @@ def build_study(args: argparse.Namespace) -> tuple[Study, list[Cell], DictConfig
     config_dir = (args.config_path or RECIPES_DIR).expanduser().resolve()
     recipe = compose_config(config_dir, args.config_name, args.overrides)
     methods = args.methods or [base_method(recipe.method)]
+    stock = sorted(m for m in METHODS if base_method(m) == m)
+    unknown = [m for m in methods if m not in stock]
+    if unknown:
+        raise UsageError(f"--methods {' '.join(unknown)}: not a solo-learn method; choose from: "
+                         f"{', '.join(stock)}")  # fmt: skip
     given = _method_overrides(args.method_override, methods)
     extra = {m: (*given.get(m, []), *_fills(recipe, m, given.get(m, []))) for m in methods}
     study = Study(
@@ -285,7 +290,7 @@ def _check_cells(jobs: Sequence[Job], *, data_ready: bool = True) -> None:
                 raise UsageError(f"cell {job.cell_id} ({describe(job.key)}): {err}") from err
             skipped += 1
         except (UsageError, AssertionError, ValueError) as err:
-            raise UsageError(f"cell {job.cell_id} ({describe(job.key)}): {err!r}") from err
+            raise UsageError(f"cell {job.cell_id} ({describe(job.key)}): {err}") from err
     if skipped:
         print(f"note: {skipped} cell configs not checked: they read data not prepared yet")
     else:
