@@ -39,9 +39,8 @@ from torch import nn
 from torchvision.datasets import ImageFolder
 
 from solo_deepfusion.atomic import write_json
-from solo_deepfusion.cli import exit_status
 from solo_deepfusion.devices import resolve_device
-from solo_deepfusion.errors import UsageError
+from solo_deepfusion.errors import UsageError, exit_status
 from solo_deepfusion.fusion import (
     format_table,
     plot_attention_heatmaps,

@@ -40,9 +40,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from solo_deepfusion.atomic import write_json
-from solo_deepfusion.cli import exit_status
 from solo_deepfusion.devices import resolve_device
-from solo_deepfusion.errors import UsageError
+from solo_deepfusion.errors import UsageError, exit_status
 from solo_deepfusion.solo.checkpoints import PretrainedRun, find_run
 from solo_deepfusion.solo.data import (
     check_data_paths,

@@ -28,8 +28,7 @@ from solo.args.pretrain import parse_cfg
 from solo.methods import METHODS
 from solo.utils.misc import make_contiguous, omegaconf_select
 
-from solo_deepfusion.cli import exit_status
-from solo_deepfusion.errors import UsageError
+from solo_deepfusion.errors import UsageError, exit_status
 from solo_deepfusion.solo import base_method, projector_config, register, variant_name
 from solo_deepfusion.solo.data import (
     check_data_paths,
