@@ -254,7 +254,14 @@ def parser() -> argparse.ArgumentParser:
     """The ``solo-deepfusion fusion`` options."""
     p = argparse.ArgumentParser(
         prog="solo-deepfusion fusion",
-        description="Deep Fusion analysis of a <method>_transformer checkpoint.",
+        description="Deep Fusion analysis of a <method>_transformer checkpoint: attention heat "
+        "maps per layer sorted by class, fusion ratio per layer, 1-NN accuracy per batch size.",
+        epilog="examples:\n"
+        "  solo-deepfusion fusion --checkpoint trained_models/simclr_transformer/<version> \\\n"
+        "      --data <cifar10 folder>/test\n"
+        "  solo-deepfusion fusion --checkpoint simclr-deepfusion-r18-cifar10-cpu --per-head "
+        "--max-images 2000",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--checkpoint", required=True, help=".ckpt file or run folder with args.json")
     p.add_argument(

@@ -50,6 +50,7 @@ from solo_deepfusion.solo.run import (
     resume_checkpoint,
     rewrite_projector_args,
 )
+from solo_deepfusion.solo.summary import pretrain_summary
 
 __all__ = ["pretrain", "pretrain_config", "run_pretrain", "select_variant"]
 
@@ -149,8 +150,18 @@ def run_pretrain(argv: Sequence[str], callbacks: Sequence[Callback] = ()) -> Tra
 
 
 def pretrain(argv: Sequence[str], callbacks: Sequence[Callback] = ()) -> int:
-    """``solo-deepfusion pretrain``; returns the exit status (2: bad command line or recipe)."""
-    return exit_status(lambda: run_pretrain(argv, callbacks))
+    """``solo-deepfusion pretrain``; returns the exit status (2: bad command line or recipe).
+
+    A finished run ends with :func:`~solo_deepfusion.solo.summary.pretrain_summary`.
+    """
+
+    def run() -> Trainer:
+        trainer = run_pretrain(argv, callbacks)
+        if trainer.is_global_zero and not trainer.interrupted:
+            print(pretrain_summary(trainer, trainer.lightning_module.cfg), flush=True)
+        return trainer
+
+    return exit_status(run)
 
 
 if __name__ == "__main__":  # `python -m solo_deepfusion.solo.launch`; Lightning's DDP re-runs it
