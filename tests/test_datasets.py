@@ -12,7 +12,10 @@ import pytest
 from solo_deepfusion.datasets import extract, prepare_data
 from solo_deepfusion.errors import UsageError
 
-BOTH = pytest.mark.parametrize("use_filter", [True, False], ids=["filter", "by-hand"])
+# Python >= 3.11.4 has tarfile's data filter; older ones are tested by hand only (CI also runs
+# the suite under Debian's 3.11.2, where a skip would fail the run).
+MODES = [True, False] if hasattr(tarfile, "data_filter") else [False]
+BOTH = pytest.mark.parametrize("use_filter", MODES, ids=lambda on: "filter" if on else "by-hand")
 
 
 def _add(tar: tarfile.TarFile, name: str, kind: bytes = tarfile.REGTYPE, **fields: object) -> None:
@@ -52,18 +55,17 @@ def test_unpacks_files_and_folders_with_clean_modes(tmp_path: Path, use_filter: 
     assert (tmp_path / "out/train/cat/1.jpg").read_bytes() == b"x"
 
 
-def test_both_ways_give_the_same_tree(tmp_path: Path) -> None:
+@BOTH
+def test_file_modes_are_the_data_filters(tmp_path: Path, use_filter: bool) -> None:
     archive = _archive(
         tmp_path / "a.tar.gz",
         ("d/x.jpg", tarfile.REGTYPE, {"mode": 0o2775}),
         ("d/y.jpg", tarfile.REGTYPE, {"mode": 0o400}),
     )
-    trees = []
-    for use_filter in (True, False):
-        with tarfile.open(archive) as tar:
-            extract(tar, tmp_path / str(use_filter), use_filter=use_filter)
-        trees.append(_tree(tmp_path / str(use_filter)))
-    assert trees[0] == trees[1]
+    with tarfile.open(archive) as tar:
+        extract(tar, tmp_path / "out", use_filter=use_filter)
+    modes = _tree(tmp_path / "out")
+    assert (modes["d/x.jpg"], modes["d/y.jpg"]) == (0o755, 0o600)
 
 
 @BOTH
@@ -92,7 +94,7 @@ def test_refuses_unsafe_members_before_writing(
 
 def test_prepare_data_without_the_filter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """What Python 3.11.0-3.11.3 gives: no ``tarfile.data_filter``, no ``filter=``."""
-    monkeypatch.delattr(tarfile, "data_filter")
+    monkeypatch.delattr(tarfile, "data_filter", raising=False)
     source = tmp_path / "cifar"
     source.mkdir()
     for split in ("train", "test"):
