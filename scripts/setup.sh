@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # One setup command: a virtual environment with this machine's torch build, solo-deepfusion and
-# its host, solo-learn. The environment lives outside the checkout (reused by every clone on this
-# machine) and is linked as .venv.
+# its host, solo-learn. Each checkout gets its own environment, so a checkout never runs another
+# one's code: ~/.cache/solo-deepfusion/venvs/<checkout folder>-<hash of its path and of the
+# interpreter>, linked as .venv ($SOLO_DEEPFUSION_VENV picks another place; a real .venv folder
+# in the checkout is used as it is). $PYTHON picks the interpreter (default python3; >= 3.11).
+#
+#   bash scripts/setup.sh           set up (again: only what is missing)
+#   bash scripts/setup.sh --link    link .venv to this checkout's environment, print it, stop
 #
 # solo-learn >= 1.0.6 is not on PyPI. It is installed from the first source that is there:
 #   1. $SOLO_LEARN_SOURCE: a solo-learn source folder or archive (.tar.gz, .zip);
@@ -13,10 +18,35 @@
 # recipes (scripts/pretrain/...) stay next to its package for the tests and for users.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-venv="${SOLO_DEEPFUSION_VENV:-$HOME/.cache/solo-deepfusion/venv}"
-[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-[ -e .venv ] || ln -s "$venv" .venv
+checkout="$(pwd -P)"
+python="${PYTHON:-python3}"
+command -v "$python" >/dev/null || { echo "PYTHON=$python: no such interpreter" >&2; exit 2; }
+"$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+  || { echo "$python is Python $("$python" -c 'import platform; print(platform.python_version())'); solo-deepfusion needs >= 3.11" >&2; exit 2; }
+
+if [ -d .venv ] && [ ! -L .venv ]; then
+  venv="$checkout/.venv"
+else
+  interpreter="$("$python" -c 'import sys; print(sys.executable)')"
+  key="$(printf '%s\n%s\n' "$checkout" "$interpreter" | sha256sum | cut -c1-12)"
+  venv="${SOLO_DEEPFUSION_VENV:-$HOME/.cache/solo-deepfusion/venvs/$(basename "$checkout")-$key}"
+  if [ -L .venv ] && [ "$(readlink .venv)" != "$venv" ]; then
+    echo "setup: .venv pointed at $(readlink .venv); now at this checkout's own $venv" >&2
+    rm .venv
+  fi
+  [ -L .venv ] || ln -s "$venv" .venv
+fi
+if [ "${1:-}" = "--link" ]; then
+  echo "$venv"
+  exit 0
+fi
+[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 py="$venv/bin/python"
+# A shared $SOLO_DEEPFUSION_VENV: say so when it ran another checkout's code until now.
+owner="$(cd / && "$py" -c 'import pathlib, solo_deepfusion as s; print(pathlib.Path(s.__file__).resolve().parents[1])' 2>/dev/null || true)"
+if [ -n "$owner" ] && [ "$owner" != "$checkout" ]; then
+  echo "setup: $venv ran the code of $owner; it now runs this checkout's ($checkout)" >&2
+fi
 pip=("$py" -m pip install -q --disable-pip-version-check)
 
 # solo-learn's setup.py imports pkg_resources (gone from setuptools >= 81), and torchmetrics < 0.12
@@ -36,7 +66,8 @@ host_deps=("lightning>=2.1.2,<2.7" "torchmetrics>=0.11,<0.12" "setuptools<81")
 # Unpack a solo-learn archive once into the environment; print the source folder.
 unpack() {
   local archive="$1" dest
-  dest="$venv/src/$(basename "${archive%%.*}")"
+  dest="$(basename "$archive")"  # the file name: a dot in a folder above never counts
+  dest="$venv/src/${dest%%.*}"
   if [ ! -f "$dest/setup.py" ]; then
     rm -rf "$dest.tmp" && mkdir -p "$dest.tmp"
     case "$archive" in

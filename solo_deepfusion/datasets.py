@@ -5,23 +5,67 @@
 
 One rule for every user (the launcher's tests, the bench, ``scripts/build_zoo.py``): a cut
 keeps the first N files of each class by file name; an archive or a cut is written once under
-``work/data/`` and marked complete. Host-free: the standard library only.
+``work/data/`` and marked complete. Host-free: the standard library only (the zoo's cache
+folder is looked up only by :func:`unpacked`), so it runs on any Python >= 3.11.0.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import os
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from solo_deepfusion.errors import UsageError
-from solo_deepfusion.hub.cache import resolve_cache_dir
+
+
+def extract(
+    tar: tarfile.TarFile,
+    dest: str | os.PathLike,
+    members: Iterable[tarfile.TarInfo] | None = None,
+    *,
+    use_filter: bool | None = None,
+) -> None:
+    """Unpack ``members`` (default: all) of ``tar`` into ``dest``: regular files and folders
+    only, each inside ``dest``, else a one-line :class:`UsageError` before anything is written.
+
+    Python >= 3.11.4 (``use_filter=None`` detects it) also applies tarfile's ``data`` filter;
+    older 3.11 lacks ``filter=``, so there the permissions and owners are cleaned here the
+    same way (no setuid/setgid/sticky or group/other write bits, no ownership from the archive).
+    """
+    members = list(tar.getmembers() if members is None else members)
+    root = os.path.realpath(dest)
+    for member in members:
+        name = PurePosixPath(member.name)
+        if not (member.isfile() or member.isdir()):
+            raise UsageError(
+                f"{tar.name}: {member.name} is not a regular file or folder; refusing to unpack"
+            )
+        inside = os.path.realpath(os.path.join(root, member.name))
+        if name.is_absolute() or ".." in name.parts or os.path.commonpath([root, inside]) != root:
+            raise UsageError(f"{tar.name}: {member.name} points outside the folder; refusing")
+    if use_filter is None:
+        use_filter = hasattr(tarfile, "data_filter")
+    if use_filter:
+        tar.extractall(dest, members=members, filter="data")
+        return
+    cleaned = []
+    for member in members:
+        clean = copy.copy(member)
+        if clean.isdir():
+            clean.mode = 0o755
+        else:  # owner rw, execute only where the owner had it, no group/other write
+            mode = clean.mode & 0o755 | 0o600
+            clean.mode = mode if mode & 0o100 else mode & ~0o111
+        clean.uid, clean.gid, clean.uname, clean.gname = os.getuid(), os.getgid(), "", ""
+        cleaned.append(clean)
+    tar.extractall(dest, members=cleaned)
 
 
 @dataclass(frozen=True)
@@ -69,7 +113,7 @@ def _materialise(
         chosen = [m for m in members if m.name in wanted]  # archive order: one pass
         for member in chosen:
             member.name = str(Path(split, *Path(member.name).parts[1:]))
-        tar.extractall(target, members=chosen, filter="data")
+        extract(tar, target, chosen)
     return target / split
 
 
@@ -125,6 +169,8 @@ def unpacked(path: str | os.PathLike | None) -> str | None:
     archive = Path(f"{path}.tar.gz").resolve()
     if not archive.is_file():
         return path
+    from solo_deepfusion.hub.cache import resolve_cache_dir  # the hub needs more than stdlib
+
     stat = archive.stat()
     key = hashlib.sha256(f"{archive}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
     root = resolve_cache_dir() / "datasets" / key[:16]
@@ -142,7 +188,7 @@ def _unpack(archive: Path, root: Path) -> None:
     tmp = tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.")
     try:
         with tarfile.open(archive) as tar:
-            tar.extractall(tmp, filter="data")
+            extract(tar, tmp)
         with contextlib.suppress(OSError):  # another process (e.g. a DDP rank) was first
             os.replace(tmp, root)
     finally:

@@ -44,8 +44,7 @@ import scipy.stats
 
 from solo_deepfusion.atomic import write_text
 from solo_deepfusion.bench import BASELINE
-from solo_deepfusion.cli import exit_status
-from solo_deepfusion.errors import UsageError
+from solo_deepfusion.errors import UsageError, exit_status
 from solo_deepfusion.fusion.plots import save_figure_atomic
 
 AXES = ("batch_size", "temperature", "weight_decay", "depth")

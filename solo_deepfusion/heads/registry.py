@@ -13,7 +13,7 @@ variants, the ``projector`` config group, the bench's checks and the contract te
     @register_projector("my_head", config=MyHeadFields, joint_context=True)
     def my_head(in_dim, hidden_dim, out_dim, **fields) -> nn.Module: ...
 
-The head contract (``docs/heads.md``):
+The head contract (``docs/plugins.md``):
 
 - ``build(in_dim, hidden_dim, out_dim, **fields)``: ``fields`` are the config's (its non-``None``
   defaults filled in); ``hidden_dim`` and ``out_dim`` are the recipe's ``proj_hidden_dim`` and

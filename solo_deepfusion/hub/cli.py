@@ -22,8 +22,7 @@ from typing import Any
 import yaml
 
 from solo_deepfusion._host import host_problem
-from solo_deepfusion.cli import exit_status
-from solo_deepfusion.errors import UsageError
+from solo_deepfusion.errors import UsageError, exit_status
 
 from .download import check_deadline, download
 from .errors import ZooError

@@ -40,9 +40,8 @@ from torch import nn
 from torchvision.datasets import ImageFolder
 
 from solo_deepfusion.atomic import write_json
-from solo_deepfusion.cli import exit_status
 from solo_deepfusion.devices import resolve_device
-from solo_deepfusion.errors import UsageError
+from solo_deepfusion.errors import UsageError, exit_status
 from solo_deepfusion.fusion import (
     format_table,
     plot_attention_heatmaps,
@@ -257,7 +256,14 @@ def parser() -> argparse.ArgumentParser:
     """The ``solo-deepfusion fusion`` options."""
     p = argparse.ArgumentParser(
         prog="solo-deepfusion fusion",
-        description="Deep Fusion analysis of a <method>_transformer checkpoint.",
+        description="Deep Fusion analysis of a <method>_transformer checkpoint: attention heat "
+        "maps per layer sorted by class, fusion ratio per layer, 1-NN accuracy per batch size.",
+        epilog="examples:\n"
+        "  solo-deepfusion fusion --checkpoint trained_models/simclr_transformer/<version> \\\n"
+        "      --data <cifar10 folder>/test\n"
+        "  solo-deepfusion fusion --checkpoint simclr-deepfusion-r18-cifar10-cpu --per-head "
+        "--max-images 2000",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--checkpoint", required=True, help=".ckpt file or run folder with args.json")
     p.add_argument(

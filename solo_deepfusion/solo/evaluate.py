@@ -40,11 +40,11 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics import Metric
+from tqdm.auto import tqdm
 
 from solo_deepfusion.atomic import write_json
-from solo_deepfusion.cli import exit_status
 from solo_deepfusion.devices import resolve_device
-from solo_deepfusion.errors import UsageError
+from solo_deepfusion.errors import UsageError, exit_status
 from solo_deepfusion.solo.checkpoints import PretrainedRun, find_run
 from solo_deepfusion.solo.data import (
     check_data_paths,
@@ -238,7 +238,17 @@ def _temperature(text: str) -> float:
 
 def knn_parser() -> CommandParser:
     """``main_knn``'s options (its ``_`` spellings are accepted too), with defaults from the run."""
-    parser = CommandParser(prog="solo-deepfusion knn", allow_abbrev=False)
+    parser = CommandParser(
+        prog="solo-deepfusion knn",
+        description="Weighted k-NN accuracy of a pretraining run's backbone and projector "
+        "features (CPU or GPU); data paths default to the run's.",
+        epilog="examples:\n"
+        "  solo-deepfusion knn --checkpoint-dir trained_models/simclr_transformer/<version>\n"
+        "  solo-deepfusion knn --checkpoint-dir <run> --k 20 200 --feature-type backbone \\\n"
+        "      --device cpu --output-json knn.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
     add = parser.add_argument
     add(
         "--checkpoint-dir",
@@ -305,7 +315,7 @@ def extract_features(
     labels = []
     model.eval()
     with torch.no_grad():
-        for x, y in loader:
+        for x, y in tqdm(loader, desc="features", unit="batch", leave=False, disable=None):
             out = model(x.to(device, non_blocking=True))
             features["backbone"].append(out["feats"])
             features["projector"].append(out["z"])

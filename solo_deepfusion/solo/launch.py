@@ -32,8 +32,7 @@ from solo.args.pretrain import parse_cfg
 from solo.methods import METHODS
 from solo.utils.misc import make_contiguous, omegaconf_select
 
-from solo_deepfusion.cli import exit_status
-from solo_deepfusion.errors import UsageError
+from solo_deepfusion.errors import UsageError, exit_status
 from solo_deepfusion.solo import base_method, projector_config, register, variant_name
 from solo_deepfusion.solo.checkpoints import check_fits, run_folder_lock
 from solo_deepfusion.solo.data import (
@@ -56,6 +55,7 @@ from solo_deepfusion.solo.run import (
     resume_checkpoint,
     rewrite_projector_args,
 )
+from solo_deepfusion.solo.summary import pretrain_summary
 from solo_deepfusion.solo.variants import build_head
 from solo_deepfusion.validation import check_training
 
@@ -247,14 +247,20 @@ def run_pretrain(argv: Sequence[str], callbacks: Sequence[Callback] = ()) -> Tra
 
 def pretrain(argv: Sequence[str], callbacks: Sequence[Callback] = ()) -> int:
     """``solo-deepfusion pretrain``; returns the exit status (2: bad command line or recipe,
-    1: a file could not be written or read, e.g. a full disk, reported in one line)."""
+    1: a file could not be written or read, e.g. a full disk, reported in one line).
+
+    A finished run ends with :func:`~solo_deepfusion.solo.summary.pretrain_summary`.
+    """
 
     def run() -> Trainer | int:
         try:
-            return run_pretrain(argv, callbacks)
+            trainer = run_pretrain(argv, callbacks)
         except OSError as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
+        if trainer.is_global_zero and not trainer.interrupted:
+            print(pretrain_summary(trainer, trainer.lightning_module.cfg), flush=True)
+        return trainer
 
     return exit_status(run)
 

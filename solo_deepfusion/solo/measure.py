@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
 
 from solo_deepfusion.fusion import FusionStats, fusion_stats, leave_one_out_1nn_accuracy
 from solo_deepfusion.heads import TransformerProjector
@@ -115,11 +116,12 @@ def dataset_features(
     batch_size: int = LOADER_BATCH,
     workers: int = 0,
 ) -> torch.Tensor:
-    """Backbone features of ``dataset[indices]``, in that order."""
+    """Backbone features of ``dataset[indices]``, in that order (a progress bar on a terminal)."""
     loader = DataLoader(
         Subset(dataset, indices.tolist()), batch_size=batch_size, num_workers=workers
     )
-    return torch.cat([backbone_features(model, images) for images, _ in loader])
+    batches = tqdm(loader, desc="backbone features", unit="batch", leave=False, disable=None)
+    return torch.cat([backbone_features(model, images) for images, _ in batches])
 
 
 def head_outputs(model: nn.Module, feats: torch.Tensor, batch_size: int) -> torch.Tensor:

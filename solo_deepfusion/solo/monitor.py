@@ -305,7 +305,7 @@ class CollapseMonitor(pl.Callback):
         if message and not self.warned:
             self.warned = True
             pl.utilities.rank_zero_warn(
-                f"step {self._step}: {message}. See the README's 'When the head "
+                f"step {self._step}: {message}. See docs/heads.md, 'When the head "
                 "collapses' (projector.norm=pre, projector.qk_norm=true, projector.lr_scale)."
             )
 

@@ -83,7 +83,7 @@ def test_every_registered_projector_keeps_the_contract(name):
     """(T, in_dim) features -> (T, out_dim), every parameter trained; declared defaults are
     among its declared fields (the integration builds configs from them). A head that asks
     for the joint context takes every view at once, view-major: reordering the samples the
-    same way in every view reorders its outputs alike (docs/heads.md)."""
+    same way in every view reorders its outputs alike (docs/plugins.md)."""
     entry = projector_entry(name)
     assert set(entry.defaults) <= set(entry.fields)
     assert set(entry.optimizer) <= set(registry.OPTIMIZER_FIELDS)

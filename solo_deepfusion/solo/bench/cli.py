@@ -16,9 +16,8 @@ from solo.methods.base import BaseMomentumMethod
 from solo.utils.misc import omegaconf_select
 
 from solo_deepfusion.bench.records import finished_cells
-from solo_deepfusion.cli import exit_status
 from solo_deepfusion.datasets import prepare_data
-from solo_deepfusion.errors import UsageError
+from solo_deepfusion.errors import UsageError, exit_status
 from solo_deepfusion.solo import base_method
 from solo_deepfusion.solo.analysis import DATA_ENV, EVAL_BATCH_SIZES
 from solo_deepfusion.solo.bench.grid import (

@@ -1,0 +1,97 @@
+"""The README stays true: its zoo figures are the manifest's, its study figures are the committed
+reports', its commands exist (host-free)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from solo_deepfusion.cli import HOST_COMMANDS, LOCAL_COMMANDS
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+COMMANDS = {*HOST_COMMANDS, *LOCAL_COMMANDS}
+
+
+def _section(title: str) -> str:
+    start = README.index(f"\n## {title}\n")
+    end = README.find("\n## ", start + 1)
+    return README[start : end if end > 0 else None]
+
+
+def _table(text: str) -> list[list[str]]:
+    """The body rows of the first Markdown table in ``text``, cells stripped."""
+    rows = [line for line in text.splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows[2:]]
+
+
+def _manifest_metrics(entry: dict) -> dict[str, float]:
+    values = {}
+    for metric in entry["metrics"]:
+        protocol = metric["protocol"]
+        kind = protocol["kind"] if protocol["kind"] != "knn" else f"knn{protocol['k']}"
+        values[kind] = metric["value"]
+    return values
+
+
+def test_readme_is_a_front_page() -> None:
+    assert len(README.splitlines()) <= 160  # a third of 0.4.0's 453 lines, give or take
+    assert "Holm-adjusted" not in README or "p-values" in README
+
+
+def test_zoo_figures_are_the_manifests() -> None:
+    manifest = yaml.safe_load((ROOT / "zoo" / "manifest.yaml").read_text())
+    entries = {entry["name"]: _manifest_metrics(entry) for entry in manifest["models"]}
+    rows = _table(_section("Use the model zoo"))
+    assert {row[0].strip("`") for row in rows} == set(entries)
+    for name, _, online, knn200, offline in rows:
+        expected = entries[name.strip("`")]
+        quoted = [float(value.rstrip("%")) for value in (online, knn200, offline)]
+        assert quoted == [expected["online_linear"], expected["knn200"], expected["offline_linear"]]
+
+
+def test_commands_table_lists_exactly_the_subcommands() -> None:
+    listed = {row[0].strip("`") for row in _table(_section("Commands"))}
+    assert listed == COMMANDS
+
+
+def test_every_command_line_in_the_readme_is_a_real_subcommand() -> None:
+    code = r"(?:^|`|\.venv/bin/)solo-deepfusion ([a-z][a-z-]*)"  # in code, not in prose
+    used = re.findall(code, README, flags=re.MULTILINE)
+    assert used and set(used) <= COMMANDS
+
+
+def _report_table(report: str) -> dict[str, dict[str, str]]:
+    """The report's per-arm table: projector label -> column -> cell."""
+    lines = report.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| method | projector |"))
+    header = [cell.strip() for cell in lines[start].strip("|").split("|")]
+    rows = {}
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        rows[cells[1].strip("`")] = dict(zip(header, cells, strict=True))
+    return rows
+
+
+#: A README head name -> what its label in a report contains.
+ARMS = {"stable_bn": "output_norm=batch", "stable_centred": "centred_attention=true"}
+
+
+@pytest.mark.parametrize("row", _table(_section("Which head to use")), ids=lambda r: r[0])
+def test_recommendations_quote_their_report(row: list[str]) -> None:
+    _, use, offline, cached, params, ratio, link = row
+    report = (ROOT / re.search(r"\((benchmarks/\w+/report\.md)\)", link)[1]).read_text()
+    for delta in (offline, cached):  # the paired Δ and its interval, as the report prints them
+        assert delta.replace("**", "") in report.replace("**", "")
+    arms = _report_table(report)
+    head = re.search(r"`(stable_\w+)`", use)
+    label = next(name for name in arms if ARMS[head[1]] in name)
+    arm, mlp = arms[label], arms["mlp"]
+    assert params == f"{arm['head params']} ({mlp['head params']})"
+    seconds = [float(r["time/epoch"].removesuffix(" s")) for r in (arm, mlp)]
+    assert float(ratio) == round(seconds[0] / seconds[1], 2)
