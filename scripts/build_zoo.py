@@ -435,19 +435,30 @@ def compare(build: Build, old: dict[str, Any], tolerance: float, exact: bool) ->
     return ok
 
 
-LIMITS = """\
-- CPU scale: a short schedule on a subset of CIFAR-10, far from the 1000-epoch recipes behind
+SHORT_SCHEDULE = """\
+- A short schedule ({epochs} epochs on {dataset}), far from the 1000-epoch recipes behind
   solo-learn's published numbers; use it to compare heads and to test pipelines, not as a
-  strong feature extractor.
+  strong feature extractor."""
+JPEG_DATA = """\
 - The data is the JPEG (quality 75) copy of CIFAR-10 shared with this project: accuracies are
-  not the same measurement as published CIFAR-10 numbers (lossless images).
+  not the same measurement as published CIFAR-10 numbers (lossless images)."""
+IMAGENET_STEM = """\
 - ResNet-18 with the ImageNet stem at 32 px (the Deep Fusion authors' setting): solo-learn's own
   `main_linear.py` builds the CIFAR stem for `cifar10`, so use this project's `linear`/`knn`
-  commands, or `zoo export` (which records `data.dataset: custom`) for `main_knn.py`.
+  commands, or `zoo export` (which records `data.dataset: custom`) for `main_knn.py`."""
+BATCH_DEPENDENT = """\
 - Projector outputs of a transformer head depend on the other samples of the batch; the
   backbone features (what the metrics below use, except where the protocol says otherwise)
-  do not.
-"""
+  do not."""
+
+
+def limits(entry: dict[str, Any]) -> str:
+    """The card's limits of ``entry``: its schedule, the data, its stem where it misleads."""
+    items = [SHORT_SCHEDULE.format(epochs=entry["epochs"], dataset=entry["dataset"]), JPEG_DATA]
+    if entry["backbone"].get("stem") == "imagenet":
+        items.append(IMAGENET_STEM)
+    items.append(BATCH_DEPENDENT)
+    return "\n".join(items) + "\n"
 
 
 def recipe_notes(recipe: Path) -> str:
@@ -521,7 +532,7 @@ features = backbone(transform(image)[None])
 
 ## Limits
 
-{LIMITS}"""
+{limits(entry)}"""
 
 
 def write_cards(manifest: Path) -> None:
