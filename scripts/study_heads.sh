@@ -6,6 +6,9 @@
 #   scripts/study_heads.sh horizon ARM              mlp vs ARM at 3x the confirm's epochs, 3 seeds
 #   scripts/study_heads.sh byol ARM                 BYOL, mlp vs ARM at the confirm budget, 3 seeds
 #   scripts/study_heads.sh vicreg ARM               VICReg, the same
+#   scripts/study_heads.sh controls [ARM ...]       the default's fair controls at the confirm
+#                                                  budget, 6 seeds, paired with the confirm's
+#                                                  own mlp and default cells (copied in once)
 #   scripts/study_heads.sh report PHASE             benchmarks/PHASE/report.md and report.png
 #                                                  (benchmarks/PHASE/verdict.md on top, if there)
 #
@@ -23,7 +26,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 bench=(nice -n 19 "${SOLO_DEEPFUSION_BIN:-.venv/bin/solo-deepfusion}")
-phase="${1:?phase: screen | confirm | horizon | byol | vicreg | report}"
+phase="${1:?phase: screen | confirm | controls | horizon | byol | vicreg | report}"
 [ "$phase" = report ] || : "${SOLO_DEEPFUSION_DATA:?set SOLO_DEEPFUSION_DATA to the CIFAR-10 folder}"
 shift
 work="${SOLO_DEEPFUSION_STUDY_WORK:-benchmarks/scratch}"
@@ -46,6 +49,13 @@ screen_arms=(  # spelled out in full: `transformer` alone is the default (`stabl
 # 128, 256 crops of 32 px) takes ~5 s on one core of the 2-core CPU machine, so a cell is ~35 min
 # of training + ~5 min of evaluation, and 4 arms x 6 seeds ~16 CPU-hours: the issue's budget.
 confirm=(--epochs 10 --train-per-class 500)
+# The default (`stable_bn`), spelled as the confirm spelled it, and its controls: the same head
+# with fixed uniform mixing, and with none (each sample sees only itself).
+default_arm=transformer:lr_scale=0.1,mask=positives,norm=pre,output_norm=batch,preset=paper
+control_arms=(
+  transformer:lr_scale=0.1,mask=positives,mixing=none,norm=pre,output_norm=batch,preset=paper
+  transformer:lr_scale=0.1,mask=positives,mixing=mean,norm=pre,output_norm=batch,preset=paper
+)
 seeds() { read -ra chosen <<<"${STUDY_SEEDS:-$*}"; echo --seeds "${chosen[@]}"; }
 
 case "$phase" in
@@ -58,6 +68,18 @@ case "$phase" in
     (($#)) || { echo "confirm: name the arms" >&2; exit 2; }
     "${bench[@]}" bench "${common[@]}" "${confirm[@]}" --methods simclr \
       --projectors mlp "$@" $(seeds 0 1 2 3 4 5) --results benchmarks/confirm/results.jsonl
+    ;;
+  controls)
+    results=benchmarks/controls/results.jsonl
+    if [ ! -s "$results" ]; then  # the confirm's mlp and default cells: the same cells, reused
+      mkdir -p "$(dirname "$results")"
+      grep -F -e '"projector": "mlp"' -e "\"projector\": \"$default_arm\"" \
+        benchmarks/confirm/results.jsonl | grep -F '"status": "ok"' >"$results.tmp"
+      mv "$results.tmp" "$results"
+    fi
+    arms=("${@:-${control_arms[@]}}")
+    "${bench[@]}" bench "${common[@]}" "${confirm[@]}" --methods simclr \
+      --projectors mlp "$default_arm" "${arms[@]}" $(seeds 0 1 2 3 4 5) --results "$results"
     ;;
   horizon)
     (($# == 1)) || { echo "horizon: name one arm" >&2; exit 2; }
@@ -78,7 +100,7 @@ case "$phase" in
       "${verdict[@]}"
     ;;
   *)
-    echo "unknown phase $phase: screen | confirm | horizon | byol | vicreg | report" >&2
+    echo "unknown phase $phase: screen | confirm | controls | horizon | byol | vicreg | report" >&2
     exit 2
     ;;
 esac
