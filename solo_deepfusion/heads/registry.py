@@ -245,7 +245,7 @@ MLPMatchedFields = dataclasses.make_dataclass(
 
 @dataclass(frozen=True)
 class MLPFields:
-    layout: str = "simclr"
+    layout: str | None = None  # a solo-learn method's layout; None: the method being trained's
     output_norm: str = "none"
 
 
@@ -274,9 +274,12 @@ def transformer(
 
 @register_projector("mlp", config=MLPFields)
 def mlp(
-    in_dim: int, hidden_dim: int, out_dim: int, *, layout: str = "simclr", **fields: Any
+    in_dim: int, hidden_dim: int, out_dim: int, *, layout: str | None = None, **fields: Any
 ) -> MLPProjector:
-    """solo-learn's projector of method ``layout``; ``fields`` override the layout."""
+    """solo-learn's projector of method ``layout`` (default ``simclr``); ``fields`` override
+    the layout (``output_norm="batch"``: an output BatchNorm, the fair twin of a head that has
+    one)."""
+    layout = "simclr" if layout is None else layout
     check_choice("layout", layout, tuple(SOLO_MLP_LAYOUTS))
     kwargs = {**dataclasses.asdict(SOLO_MLP_LAYOUTS[layout]), **fields}
     return MLPProjector(in_dim, hidden_dim, out_dim, **kwargs)

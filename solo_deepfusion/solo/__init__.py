@@ -1,8 +1,9 @@
 """The solo-learn integration: the only package of solo-deepfusion that imports ``solo``.
 
 ``register()`` adds ``<method>_<head>`` to ``solo.methods.METHODS`` for every method with a
-projection head and every registered head but ``mlp`` (``simclr_transformer``,
-``byol_mlp_matched``, installed plugins' heads). It runs on import and again wherever a variant
+projection head and every registered head (``simclr_transformer``, ``byol_mlp_matched``,
+installed plugins' heads, and ``simclr_mlp``: the stock layout with a field changed, such as
+``projector.output_norm=batch``). It runs on import and again wherever a variant
 is asked for (``pretrain``, ``build_model``, loading a run), so a head registered after this
 import is found too.
 """
@@ -24,6 +25,7 @@ from solo_deepfusion.solo.variants import (  # noqa: E402
     projector_config,
     projector_group_node,
     projectors,
+    variant_heads,
     variant_name,
 )
 
@@ -37,8 +39,8 @@ def register() -> list[str]:
         store.store(group="projector", name=projector, node=projector_group_node(projector))
     names = []
     for method in HEAD_METHODS:
-        for projector in heads[1:]:
-            name = variant_name(method, projector)
+        for projector in variant_heads():
+            name = f"{method}_{projector}"
             if name not in METHODS:
                 cls = METHODS[name] = make_variant(method, projector)
                 # found where its __module__ and __qualname__ say: picklable by reference

@@ -80,7 +80,7 @@ def select_variant(cfg: DictConfig) -> DictConfig:
     if implied != "mlp" and name != implied:
         raise UsageError(f"method={cfg.method} contradicts projector={name}; give one of them")
     try:
-        cfg.method = variant_name(base, name)
+        cfg.method = variant_name(base, name, cfg.projector)
     except ValueError as err:
         raise UsageError(str(err)) from err
     if cfg.method not in METHODS:
@@ -88,7 +88,7 @@ def select_variant(cfg: DictConfig) -> DictConfig:
             raise UsageError(f"method {base!r} has no projection head to replace with {name!r}")
         stock = sorted(m for m in METHODS if base_method(m) == m)
         raise UsageError(f"unknown method {base!r}; choose from: {', '.join(stock)}")
-    if name != "mlp":  # the defaults in force, the method's preset among them, spelled out
+    if cfg.method != base:  # the defaults in force, the method's preset among them, spelled out
         try:
             projector_config(cfg, name)
         except ValueError as err:
@@ -159,7 +159,7 @@ def check_writable_dir(key: str, value: object) -> None:
 def check_head(cfg: DictConfig) -> None:
     """Build the head on the ``meta`` device (no memory, no time), so a bad field, type or
     size is one line now, not a traceback once data is loaded."""
-    if cfg.projector.name == "mlp":  # the stock method's own head
+    if cfg.method == base_method(cfg.method):  # the stock method's own head
         return
     try:
         with torch.device("meta"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+from collections.abc import Mapping
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -48,10 +49,29 @@ OPTIMIZER_KEYS = tuple(f.name for f in dataclasses.fields(HeadOptimizer))
 NON_HEAD_KEYS = ("small_crops", *MONITOR_KEYS, *OPTIMIZER_KEYS)
 
 
+# The stock method's own head. With a field of its own changed (`projector.output_norm=batch`)
+# it is no longer the stock head: the `<method>_mlp` variant builds it from heads/mlp.py.
+STOCK = "mlp"
+
+
 def projectors() -> tuple[str, ...]:
     """Every registered head, ``mlp`` (the stock method) first; every other one becomes
     ``<method>_<head>``. Read from the registry on each call, so later registrations count."""
-    return ("mlp", *(p for p in list_projectors() if p != "mlp"))
+    return (STOCK, *(p for p in list_projectors() if p != STOCK))
+
+
+def variant_heads() -> tuple[str, ...]:
+    """The heads with ``<method>_<head>`` variants: every registered one, ``mlp`` last (its
+    variant trains the stock layout with a field changed)."""
+    return (*projectors()[1:], STOCK)
+
+
+def changes_stock_head(method: str, fields: Mapping[str, Any] | None) -> bool:
+    """Whether ``fields`` (a ``projector`` section of ``mlp``) change the stock method's head."""
+    entry = projector_entry(STOCK)
+    stock = {**entry.defaults, "layout": method}
+    given = {k: v for k, v in (fields or {}).items() if k in entry.fields and v is not None}
+    return any(stock.get(k) != v for k, v in given.items())
 
 
 def projector_keys(projector: str) -> tuple[str, ...]:
@@ -84,8 +104,8 @@ METHOD_PRESETS = {"vicreg": "stable_centred"}
 def projector_group_node(projector: str) -> dict[str, Any]:
     """The ``projector`` config group entry of ``projector``: every key, ``None`` where the
     head's own default applies (what ``projector=<name>`` selects on the command line)."""
-    if projector == "mlp":
-        return {"name": "mlp"}
+    if projector == STOCK:  # its own fields only: set one, and the `<method>_mlp` variant trains
+        return {"name": STOCK, **dict.fromkeys(projector_entry(STOCK).fields)}
     keys = dict.fromkeys(projector_keys(projector))
     return {
         **keys,
@@ -95,15 +115,18 @@ def projector_group_node(projector: str) -> dict[str, Any]:
     }
 
 
-def variant_name(method: str, projector: str) -> str:
-    """The METHODS key that trains ``method`` with ``projector`` (``mlp`` = the stock method)."""
+def variant_name(method: str, projector: str, fields: Mapping[str, Any] | None = None) -> str:
+    """The METHODS key that trains ``method`` with ``projector`` configured by ``fields`` (its
+    ``projector`` section): ``mlp`` is the stock method unless a field changes it."""
     check_choice("projector", projector, projectors())
-    return method if projector == "mlp" else f"{method}_{projector}"
+    if projector == STOCK and not changes_stock_head(method, fields):
+        return method
+    return f"{method}_{projector}"
 
 
 def base_method(name: str) -> str:
     """The stock method a (possibly variant) METHODS key is built on."""
-    for projector in projectors()[1:]:
+    for projector in variant_heads():
         if name.endswith(f"_{projector}"):
             return name.removesuffix(f"_{projector}")
     return name
@@ -146,6 +169,8 @@ def build_head(cfg: DictConfig, in_dim: int, tail: nn.Module | None = None) -> C
     for key in NON_HEAD_KEYS:
         pcfg.pop(key, None)
     fields = {k: v for k, v in pcfg.items() if v is not None}
+    if name == STOCK:
+        fields.setdefault("layout", base_method(cfg.method))
     kwargs = cfg.method_kwargs
     head = build_projector(name, in_dim, kwargs.proj_hidden_dim, kwargs.proj_output_dim, **fields)
     return ContextProjector(head, tail, joint=projector_entry(name).wants_joint_context(head))

@@ -543,6 +543,10 @@ def test_cli_dry_run_and_usage_errors(bench, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "8 cells, 8 to run" in out and "byol transformer:lr_scale=0.1,preset=small seed=1" in out
     assert not results.exists() and not work.exists()
+    # the stock head with an output BatchNorm: `mlp`'s own field, the `<method>_mlp` variant
+    assert bench.main([*argv, "--projectors", "mlp", "mlp:output_norm=batch"]) == 0
+    out = capsys.readouterr().out
+    assert "8 cells, 8 to run" in out and "byol mlp:output_norm=batch seed=1" in out
 
     bad = (
         ["--projectors", "mlp", "transformer:depth=2", "--depths", "4"],

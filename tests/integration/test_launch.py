@@ -260,6 +260,18 @@ def test_mlp_projector_trains_the_stock_method(quick_args, tmp_path):
     assert read_args(run)["method"] == "simclr"
 
 
+def test_mlp_with_an_output_batchnorm_trains_its_own_variant(quick_args, tmp_path):
+    argv = quick_args(
+        "--projector", "mlp", "projector.output_norm=batch", "++limit_train_batches=1"
+    )
+    trainer = launch.run_pretrain(argv)
+    model = trainer.lightning_module
+    assert type(model) is METHODS["simclr_mlp"]
+    assert isinstance(model.projector.head[-1], torch.nn.BatchNorm1d)
+    (run,) = runs(tmp_path / "ckpt", "simclr_mlp")  # never mixed with a stock run's folder
+    assert read_args(run)["projector"]["output_norm"] == "batch"
+
+
 class RunsAShellCommand:
     """What a hostile ``.ckpt`` holds: unpickling it would run ``touch <marker>``."""
 

@@ -14,11 +14,13 @@ if HOST_PROBLEM is not None:
 import lightning.pytorch as pl
 from solo.methods import METHODS
 from solo.methods.base import BaseMomentumMethod
+from torch import nn
 
 from solo_deepfusion.heads import MLPProjector, TransformerProjector
 from solo_deepfusion.solo import HEAD_METHODS, projectors, register, variant_name
 from solo_deepfusion.solo.context import ContextProjector
 from solo_deepfusion.solo.model import build_model
+from solo_deepfusion.solo.variants import method_tail
 
 SMALL = {"name": "transformer", "preset": "small", "depth": 2, "dim": 32, "heads": 4}
 
@@ -42,7 +44,8 @@ class GradientProbe(pl.Callback):
 def test_register_adds_every_variant_once():
     names = register()
     assert register() == names
-    assert len(names) == (len(projectors()) - 1) * len(HEAD_METHODS) and len(HEAD_METHODS) == 18
+    # every registered head, `mlp` included (its variant: the stock layout with a field changed)
+    assert len(names) == len(projectors()) * len(HEAD_METHODS) and len(HEAD_METHODS) == 18
     assert "mae_transformer" not in METHODS and "linear_transformer" not in METHODS
     assert METHODS["simclr_transformer"].__mro__[2].__name__ == "SimCLR"
 
@@ -258,7 +261,31 @@ def test_every_registered_head_is_a_variant_with_a_config_group_entry():
         assert sorted(node) == sorted(projector_keys(projector))
         assert set(projector_entry(projector).fields) | set(OPTIMIZER_KEYS) <= set(node)
         assert all(variant_name(m, projector) in METHODS for m in HEAD_METHODS)
-    assert dict(repo["mlp.yaml"].node) == {"name": "mlp"}
+    # `mlp` alone is the stock method; its own fields, when set, select `<method>_mlp`
+    assert dict(repo["mlp.yaml"].node) == {"name": "mlp", "layout": None, "output_norm": None}
+    assert variant_name("simclr", "mlp", {"output_norm": None}) == "simclr"
+    assert variant_name("simclr", "mlp", {"output_norm": "none", "layout": "simclr"}) == "simclr"
+    assert variant_name("byol", "mlp", {"output_norm": "batch"}) == "byol_mlp" in METHODS
+
+
+@pytest.mark.parametrize("method", ["simclr", "byol", "simsiam", "dino"])
+def test_mlp_with_an_output_batchnorm_is_the_stock_layout_plus_it(method):
+    """`--projector mlp projector.output_norm=batch`: the method's own MLP, the method's tail,
+    and a BatchNorm1d without affine on the MLP's output (the fair control of `stable_bn`)."""
+    torch.manual_seed(0)
+    stock = build_model(method_cfg(method, name="mlp"))
+    torch.manual_seed(0)
+    model = build_model(method_cfg(f"{method}_mlp", name="mlp", output_norm="batch"))
+    head = model.get_submodule(model.context_projector)
+    stock_head = stock.get_submodule(model.context_projector)
+    layers = [type(m) for m in head.head]
+    assert layers[-1] is nn.BatchNorm1d and head.head[-1].weight is None
+    stock_layers = [type(m) for m in stock_head]
+    tail = method_tail(stock_head)
+    assert layers[:-1] == stock_layers[: len(layers) - 1]
+    assert type(head.tail) is (nn.Identity if tail is None else type(tail))
+    shapes = [p.shape for p in head.parameters()]
+    assert shapes == [p.shape for p in stock_head.parameters()]  # BatchNorm without affine
 
 
 def test_every_variant_class_pickles_by_reference():

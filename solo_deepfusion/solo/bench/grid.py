@@ -18,6 +18,7 @@ from typing import Any
 
 from solo_deepfusion.bench import BASELINE
 from solo_deepfusion.errors import UsageError
+from solo_deepfusion.heads import projector_entry
 from solo_deepfusion.solo.analysis import EVAL_BATCH_SIZES
 from solo_deepfusion.solo.param_groups import HeadOptimizer
 from solo_deepfusion.solo.variants import (
@@ -75,9 +76,9 @@ class ProjectorSpec:
             if key in fields:
                 raise UsageError(f"projector field {key!r} given twice in {text!r}")
             fields[key] = value
-        if fields and name == BASELINE:
-            raise UsageError(f"{text!r}: the stock `mlp` head takes no fields (the recipe's)")
-        allowed = set() if name == BASELINE else set(projector_keys(name)) - {"name"}
+        # `mlp` takes its own fields only: set, they select the `<method>_mlp` variant
+        own = projector_entry(name).fields if name == BASELINE else projector_keys(name)
+        allowed = set(own) - {"name"}
         unknown = sorted(set(fields) - allowed)
         if unknown:
             raise UsageError(
@@ -88,7 +89,7 @@ class ProjectorSpec:
     def under(self, method: str) -> ProjectorSpec:
         """This head as ``method`` trains it: those of :data:`SPELLED_OUT` it has filled in from
         the current defaults where not given (the preset depends on the method)."""
-        if self.name == BASELINE:
+        if self.name == BASELINE:  # the stock method's head, or its fields as given
             return self
         fields = {**spelled_out_defaults(self.name, method), **dict(self.fields)}
         return ProjectorSpec(self.name, tuple(sorted(fields.items())))
