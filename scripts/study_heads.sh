@@ -49,10 +49,12 @@ screen_arms=(  # spelled out in full: `transformer` alone is the default (`stabl
 # 128, 256 crops of 32 px) takes ~5 s on one core of the 2-core CPU machine, so a cell is ~35 min
 # of training + ~5 min of evaluation, and 4 arms x 6 seeds ~16 CPU-hours: the budget.
 confirm=(--epochs 10 --train-per-class 500)
-# The default (`stable_bn`), spelled as the confirm spelled it, and its controls: the same head
-# with fixed uniform mixing, and with none (each sample sees only itself).
+# The default (`stable_bn`), spelled as the confirm spelled it, and its controls: the stock MLP
+# with the same output BatchNorm, and the same head with no mixing (each sample sees only
+# itself) and with fixed uniform mixing.
 default_arm=transformer:lr_scale=0.1,mask=positives,norm=pre,output_norm=batch,preset=paper
 control_arms=(
+  mlp:output_norm=batch
   transformer:lr_scale=0.1,mask=positives,mixing=none,norm=pre,output_norm=batch,preset=paper
   transformer:lr_scale=0.1,mask=positives,mixing=mean,norm=pre,output_norm=batch,preset=paper
 )
