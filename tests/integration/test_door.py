@@ -6,6 +6,8 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from solo_deepfusion._host import host_problem
 if host_problem() is not None:
     pytest.skip(host_problem(), allow_module_level=True)
 
+from solo_deepfusion.errors import UsageError
 from solo_deepfusion.solo import launch
 
 pytestmark = pytest.mark.host
@@ -99,14 +102,35 @@ def test_a_read_only_checkpoint_dir_is_one_line(quick_args, capsys):
     assert line.startswith("error: ") and given in line
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes in a read-only folder")
 def test_a_folder_without_write_permission_is_refused_at_the_door(quick_args, tmp_path, capsys):
-    locked = tmp_path / "locked"
-    locked.mkdir(mode=0o555)
-    assert launch.pretrain(quick_args(*SMALL, f"checkpoint.dir={locked}/ckpt")) == 2
-    assert one_error_line(capsys) == (
-        f"error: checkpoint.dir={locked}/ckpt is not writable ({locked} is read-only here)"
-    )
+    """Checked as an unprivileged user: root writes in a read-only folder (CI runs as root, so
+    the check runs in a child that drops to ``nobody`` there)."""
+    shared = Path(tempfile.mkdtemp(prefix="sdf-door-"))  # traversable by nobody, unlike tmp_path
+    try:
+        shared.chmod(0o755)
+        locked = shared / "locked"
+        locked.mkdir(mode=0o555)
+        given = f"{locked}/ckpt"
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: unprivileged, reports the door's message through the pipe
+            try:
+                if os.geteuid() == 0:
+                    os.setgid(65534)
+                    os.setuid(65534)
+                launch.check_writable_dir("checkpoint.dir", given)
+                os.write(write, b"accepted")
+            except UsageError as err:
+                os.write(write, str(err).encode())
+            finally:
+                os._exit(0)
+        os.close(write)
+        os.waitpid(pid, 0)
+        with os.fdopen(read) as pipe:
+            message = pipe.read()
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+    assert message == f"checkpoint.dir={given} is not writable ({locked} is read-only here)"
 
 
 def test_class_folders_without_images_are_one_line(quick_args, cifar_tiny, tmp_path, capsys):
