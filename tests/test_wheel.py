@@ -24,6 +24,7 @@ import pytest
 from loopback import serving
 
 from solo_deepfusion import hub
+from solo_deepfusion.datasets import extract
 
 sys.path.insert(0, str(Path(__file__).parent / "hub"))
 
@@ -49,7 +50,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     hook = "import sys; from setuptools import build_meta as b; print(b.build_{}(sys.argv[1]))"
     sdist = run([sys.executable, "-c", hook.format("sdist"), str(dist)], REPO, clean_env())
     with tarfile.open(dist / sdist.strip().splitlines()[-1]) as archive:
-        archive.extractall(dist / "src", filter="data")
+        extract(archive, dist / "src")  # tarfile's filter= is missing before Python 3.11.4
     (source,) = (dist / "src").iterdir()
     name = run([sys.executable, "-c", hook.format("wheel"), str(dist)], source, clean_env())
     return dist / name.strip().splitlines()[-1]
