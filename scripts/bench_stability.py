@@ -27,6 +27,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -118,12 +119,14 @@ class FeatureCrops(torch.utils.data.Dataset):
         return i, [self.feats[0, i], self.feats[1, i]], 0
 
 
-def recipe_config(recipe: str, arm: str, scratch: Path):
-    """The stock recipe's cfg for ``arm``, on CPU, lr held at its peak."""
+def recipe_config(recipe: str, arm: str, scratch: Path, extra: Sequence[str] = ()):
+    """The stock recipe's cfg for ``arm``, on CPU, lr held at its peak; ``extra``: more
+    overrides (``method_kwargs.temperature=0.02``)."""
     folder = Path(solo.__file__).resolve().parents[1] / "scripts" / "pretrain" / "cifar"
     spec = ProjectorSpec.parse(arm)
     argv = [
         "--config-path", str(folder), "--config-name", f"{recipe}.yaml", *spec.overrides(),
+        *extra,
         "accelerator=cpu", "devices=1", "strategy=auto", "precision=32",
         f"data.train_path={scratch}", f"data.val_path={scratch}", "data.format=image_folder",
         "scheduler.name=none", "++performance.disable_channel_last=true",
@@ -134,9 +137,9 @@ def recipe_config(recipe: str, arm: str, scratch: Path):
     return pretrain_config(argv)
 
 
-def head_model(recipe: str, arm: str, scratch: Path):
+def head_model(recipe: str, arm: str, scratch: Path, extra: Sequence[str] = ()):
     """The recipe's cfg and its model with ``arm``, seeded, taking features for images."""
-    cfg = recipe_config(recipe, arm, scratch)
+    cfg = recipe_config(recipe, arm, scratch, extra)
     torch.manual_seed(0)
     model = build_model(cfg)
     for name in ("backbone", "momentum_backbone"):  # features in, features out
@@ -180,15 +183,16 @@ def held_out_tokens(feats: torch.Tensor, batch_size: int) -> torch.Tensor:
     return torch.cat([feats[0, -batch_size:], feats[1, -batch_size:]])
 
 
-def train_head(recipe: str, arm: str, feats: torch.Tensor, steps: int, scratch: Path) -> dict:
-    """Fit the head alone with the recipe's method and optimizer; its diagnostics after."""
-    cfg, model = head_model(recipe, arm, scratch)
-    batch_size = cfg.optimizer.batch_size
-    mlp = ProjectorSpec.parse(arm).name == "mlp"  # its BatchNorm has no statistics before
-    init_cosine = (
-        None if mlp else head_stats(model, arm, held_out_tokens(feats, batch_size))["output_cosine"]
-    )
-    train = FeatureCrops(feats[:, :-batch_size])
+def fit_head(
+    model: pl.LightningModule,
+    feats: torch.Tensor,
+    steps: int,
+    batch_size: int,
+    callbacks: Sequence[pl.Callback] = (),
+) -> int | None:
+    """Train ``model`` (a :func:`head_model`) ``steps`` steps on random batches of ``feats``
+    ``(2, N, F)``; the step at which the head's output stopped being finite, else ``None``."""
+    train = FeatureCrops(feats)
     sampler = torch.utils.data.RandomSampler(train, num_samples=steps * batch_size)
     loader = torch.utils.data.DataLoader(
         train, batch_size=batch_size, sampler=sampler, drop_last=True
@@ -202,13 +206,25 @@ def train_head(recipe: str, arm: str, feats: torch.Tensor, steps: int, scratch: 
         enable_progress_bar=False,
         enable_model_summary=False,
         limit_val_batches=0,
+        callbacks=list(callbacks),
     )
-    began = time.monotonic()
-    diverged_at = None
     try:
         trainer.fit(model, loader)
     except NonFiniteOutputError:  # the head checks its own output: training diverged
-        diverged_at = trainer.global_step
+        return trainer.global_step
+    return None
+
+
+def train_head(recipe: str, arm: str, feats: torch.Tensor, steps: int, scratch: Path) -> dict:
+    """Fit the head alone with the recipe's method and optimizer; its diagnostics after."""
+    cfg, model = head_model(recipe, arm, scratch)
+    batch_size = cfg.optimizer.batch_size
+    mlp = ProjectorSpec.parse(arm).name == "mlp"  # its BatchNorm has no statistics before
+    init_cosine = (
+        None if mlp else head_stats(model, arm, held_out_tokens(feats, batch_size))["output_cosine"]
+    )
+    began = time.monotonic()
+    diverged_at = fit_head(model, feats[:, :-batch_size], steps, batch_size)
     seconds = time.monotonic() - began
     stats, healthy = {"entropy": [], "logit_std": [], "output_cosine": None}, False
     if diverged_at is None:

@@ -18,6 +18,7 @@ from solo_deepfusion.heads.transformer import (
     MASKS,
     MIXINGS,
     NORMS,
+    ParamGroupRule,
     TransformerProjector,
     attention_mask,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "SOLO_MLP_LAYOUTS",
     "MLPLayout",
     "MLPProjector",
+    "ParamGroupRule",
     "TransformerHeadConfig",
     "TransformerProjector",
     "attention_mask",

@@ -92,6 +92,12 @@ class TransformerHeadConfig:
     qk_norm: bool = False
     centred_attention: bool = False
     mixing: str = "attention"
+    attention_logits: str = "dot"
+    logit_scale_init: float = 10.0
+    qk_init: str = "xavier"
+    qk_lr_scale: float = 1.0
+    residual: bool = True
+    block_norm: str = "layer"
     activation: str = "gelu"
     dropout: float = 0.0
     context: str = "joint"

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +35,29 @@ MASKS = ("none", "self", "positives")
 # over the keys the mask allows (mixing without selection); ``none``, only its own value (no
 # sample sees another). ``mean`` and ``none`` keep every parameter: they are controls.
 MIXINGS = ("attention", "mean", "none")
+# Attention logits: scaled ``dot`` products, or ``cosine`` similarities of L2-normalised queries
+# and keys times a learnable per-head scale (bounded: at most ``MAX_LOGIT_SCALE``).
+ATTENTION_LOGITS = ("dot", "cosine")
+MAX_LOGIT_SCALE = 100.0
+# How W_q and W_k start: ``xavier``; ``identity``, the same orthogonal matrix for both, so that
+# W_q^T W_k = I and attention starts as a soft kNN over the features; ``tied``, one matrix for
+# both, kept shared (q = k), orthogonal at first.
+QK_INITS = ("xavier", "identity", "tied")
+BLOCK_NORMS = {"layer": nn.LayerNorm, "batch": nn.BatchNorm1d}
 NORMS = ("post", "pre")
 ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
+
+
+@dataclass(frozen=True)
+class ParamGroupRule:
+    """Optimizer settings, relative to the head's group, for the head's parameters whose name
+    (as in ``named_parameters()``) matches the ``fnmatch`` ``pattern``: an lr multiplier, and
+    ``decay=False`` for no weight decay and no LARS adaptation."""
+
+    name: str
+    pattern: str
+    lr_scale: float = 1.0
+    decay: bool = True
 
 
 class NonFiniteOutputError(ValueError):
@@ -90,6 +113,10 @@ class BatchSelfAttention(nn.Module):
         qk_norm: bool,
         centred: bool = False,
         mixing: str = "attention",
+        attention_logits: str = "dot",
+        logit_scale_init: float = 10.0,
+        qk_init: str = "xavier",
+        split_qk: bool = False,
     ) -> None:
         super().__init__()
         self.heads = heads
@@ -97,25 +124,69 @@ class BatchSelfAttention(nn.Module):
         self.dropout = dropout
         self.centred = centred
         self.gather_distributed = gather_distributed
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.tied = qk_init == "tied"
+        if split_qk or self.tied:  # q and k in a Linear of their own: a group of their own
+            self.qk = nn.Linear(dim, dim if self.tied else 2 * dim)
+            self.v = nn.Linear(dim, dim)
+            projections = [self.qk, self.v]
+        else:
+            self.qkv = nn.Linear(dim, 3 * dim)
+            projections = [self.qkv]
         self.proj = nn.Linear(dim, dim)
         self.q_norm = nn.LayerNorm(dim // heads) if qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(dim // heads) if qk_norm else nn.Identity()
-        nn.init.xavier_uniform_(self.qkv.weight)
-        nn.init.zeros_(self.qkv.bias)
+        for linear in projections:  # after `proj`: a seed gives the heads it always gave
+            nn.init.xavier_uniform_(linear.weight)
+            nn.init.zeros_(linear.bias)
+        if qk_init != "xavier":
+            with torch.no_grad():
+                kernel = nn.init.orthogonal_(torch.empty(dim, dim))
+                projections[0].weight[:dim] = kernel
+                if not self.tied:
+                    projections[0].weight[dim : 2 * dim] = kernel
+        # log of each head's logit scale (cosine logits only), so the scale stays positive
+        self.logit_scale = (
+            nn.Parameter(torch.full((heads,), math.log(logit_scale_init)))
+            if attention_logits == "cosine"
+            else None
+        )
 
-    @staticmethod
-    def _scores(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    def _scores(
+        self, q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor | None
+    ) -> torch.Tensor:
+        scores = q @ k.transpose(-2, -1)
+        if self.logit_scale is None:
+            scores = scores / math.sqrt(q.shape[-1])
         return scores if allowed is None else scores.masked_fill(~allowed, float("-inf"))
 
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(T, dim)`` queries, keys and values, from the fused or the split projections."""
+        if hasattr(self, "qkv"):
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+            return q, k, v
+        v = self.v(x)
+        if self.tied:
+            q = self.qk(x)
+            return q, q, v
+        q, k = self.qk(x).chunk(2, dim=-1)
+        return q, k, v
+
     def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(heads, T, head_dim)`` queries (this rank's) and keys and values (all ranks')."""
-        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        """``(heads, T, head_dim)`` queries (this rank's) and keys and values (all ranks').
+
+        Under cosine logits, queries and keys are unit vectors and the queries carry their
+        head's logit scale, so ``q @ k^T`` is the logit.
+        """
+        q, k, v = self._qkv(x)
         if self.gather_distributed:
             k, v = gather_tokens(torch.cat([k, v], dim=-1)).chunk(2, dim=-1)
         q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(0, 1) for t in (q, k, v))
-        return self.q_norm(q), self.k_norm(k), v
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.logit_scale is not None:
+            scale = self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+            q = F.normalize(q, dim=-1) * scale[:, None, None]
+            k = F.normalize(k, dim=-1)
+        return q, k, v
 
     @staticmethod
     def _uniform(v: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
@@ -163,7 +234,10 @@ class BatchSelfAttention(nn.Module):
             weights = self._scores(q, k, allowed).softmax(dim=-1)
             out = F.dropout(weights, dropout, self.training) @ v
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)
+            scale = None if self.logit_scale is None else 1.0  # cosine: q carries the scale
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=allowed, dropout_p=dropout, scale=scale
+            )
         if self.centred:
             out = out - self._uniform(v, allowed)
         return self.proj(out.transpose(0, 1).flatten(1)), weights
@@ -180,7 +254,8 @@ class FeedForward(nn.Sequential):
 
 
 class FusionBlock(nn.Module):
-    """Attention + feed-forward with residuals; LayerNorm after (``post``) or before (``pre``)."""
+    """Attention + feed-forward, with residuals unless ``residual`` is off; a norm
+    (``block_norm``: LayerNorm or BatchNorm) after (``post``) or before (``pre``) each."""
 
     def __init__(
         self,
@@ -194,15 +269,19 @@ class FusionBlock(nn.Module):
         qk_norm: bool,
         centred_attention: bool = False,
         mixing: str = "attention",
+        residual: bool = True,
+        block_norm: str = "layer",
+        **attention: Any,
     ) -> None:
         super().__init__()
         self.pre_norm = norm == "pre"
+        self.residual = residual
         self.attn = BatchSelfAttention(
-            dim, heads, dropout, gather_distributed, qk_norm, centred_attention, mixing
+            dim, heads, dropout, gather_distributed, qk_norm, centred_attention, mixing, **attention
         )
         self.ffn = FeedForward(dim, ffn_dim, activation, dropout)
-        self.norm1 = nn.LayerNorm(dim)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm1 = BLOCK_NORMS[block_norm](dim)
+        self.norm2 = BLOCK_NORMS[block_norm](dim)
         self.drop = nn.Dropout(dropout)
 
     def attention_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -214,10 +293,13 @@ class FusionBlock(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         attended, weights = self.attn(self.attention_input(x), allowed, need_weights)
         if self.pre_norm:
-            x = x + self.drop(attended)
-            return x + self.drop(self.ffn(self.norm2(x))), weights
-        x = self.norm1(x + self.drop(attended))
-        return self.norm2(x + self.drop(self.ffn(x))), weights
+            x = self._skip(x, self.drop(attended))
+            return self._skip(x, self.drop(self.ffn(self.norm2(x)))), weights
+        x = self.norm1(self._skip(x, self.drop(attended)))
+        return self.norm2(self._skip(x, self.drop(self.ffn(x)))), weights
+
+    def _skip(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        return x + branch if self.residual else branch
 
 
 class TransformerProjector(nn.Module):
@@ -248,6 +330,22 @@ class TransformerProjector(nn.Module):
             parameter: ``"mean"``, fixed uniform weights over the keys the mask allows (mixing
             with the batch, no selection), or ``"none"``, each token only its own value (no
             sample sees another). They tell what learned attention adds (benchmarks/controls).
+        attention_logits: ``"dot"`` (scaled dot products) or ``"cosine"``: L2-normalised
+            queries and keys, times a learnable per-head scale (``logit_scale``, ``(heads,)``,
+            stored as its log, starting at ``logit_scale_init``, clamped at 100) that has its
+            own optimizer group with no weight decay (:meth:`param_group_rules`). Dot logits of
+            small spread force near-uniform attention; cosine ones can sharpen, bounded.
+        logit_scale_init: the cosine logits' starting scale (> 0).
+        qk_init: ``"xavier"``; ``"identity"``, W_q = W_k = one orthogonal matrix (W_q^T W_k =
+            I: attention starts as a soft kNN over the features); or ``"tied"``, q = k from one
+            shared Linear (orthogonal at first), so the logits stay a similarity kernel.
+        qk_lr_scale: lr of the q/k weights relative to the head's group (> 0); other than 1,
+            q and k get a Linear (``attn.qk``) and an optimizer group of their own.
+        residual: residual connections around attention and the FFN. Without them a stack
+            of attention layers must select, or its output collapses to rank 1 (the authors'
+            earliest regime).
+        block_norm: the blocks' norms: ``"layer"`` (LayerNorm) or ``"batch"`` (BatchNorm1d
+            over the tokens, the authors' earliest regime).
         activation: FFN activation, one of ``ACTIVATIONS``.
         dropout: dropout on attention weights, residual branches and the FFN.
         context: which samples share a sequence, read by the host integration: ``"joint"``
@@ -275,6 +373,12 @@ class TransformerProjector(nn.Module):
         qk_norm: bool = False,
         centred_attention: bool = False,
         mixing: str = "attention",
+        attention_logits: str = "dot",
+        logit_scale_init: float = 10.0,
+        qk_init: str = "xavier",
+        qk_lr_scale: float = 1.0,
+        residual: bool = True,
+        block_norm: str = "layer",
         activation: str = "gelu",
         dropout: float = 0.0,
         context: str = "joint",
@@ -295,6 +399,18 @@ class TransformerProjector(nn.Module):
         check_choice("output_norm", output_norm, tuple(OUTPUT_NORMS))
         check_flag("qk_norm", qk_norm)
         check_flag("centred_attention", centred_attention)
+        check_choice("attention_logits", attention_logits, ATTENTION_LOGITS)
+        check_choice("qk_init", qk_init, QK_INITS)
+        check_choice("block_norm", block_norm, tuple(BLOCK_NORMS))
+        check_flag("residual", residual)
+        for field, value, bound in (
+            ("logit_scale_init", logit_scale_init, MAX_LOGIT_SCALE),
+            ("qk_lr_scale", qk_lr_scale, math.inf),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{field} must be a number in (0, {bound:g}], got {value!r}")
+            if not 0 < value <= bound:
+                raise ValueError(f"{field} must be a number in (0, {bound:g}], got {value!r}")
         dims = (("in_dim", in_dim), ("out_dim", out_dim), ("dim", dim), ("ffn_dim", ffn_dim))
         for field, value in (*dims, ("heads", heads)):
             check_int(field, value)  # a bool, float or string is refused, not truncated
@@ -304,6 +420,7 @@ class TransformerProjector(nn.Module):
         check_number("dropout", dropout, "in [0, 1)", lambda v: 0.0 <= v < 1.0)
         self.in_dim, self.out_dim, self.dim = in_dim, out_dim, dim
         self.context, self.mask = context, mask
+        self.attention_logits, self.qk_lr_scale = attention_logits, qk_lr_scale
         self.gather_distributed = gather_distributed
         self.check_inputs = check_inputs
         self.in_proj = nn.Linear(in_dim, dim)
@@ -320,6 +437,12 @@ class TransformerProjector(nn.Module):
                 qk_norm,
                 centred_attention,
                 mixing,
+                residual,
+                block_norm,
+                attention_logits=attention_logits,
+                logit_scale_init=logit_scale_init,
+                qk_init=qk_init,
+                split_qk=qk_lr_scale != 1,
             )
             for _ in range(depth)
         )
@@ -327,6 +450,16 @@ class TransformerProjector(nn.Module):
         self.out_proj = nn.Linear(dim, out_dim)
         self.output_norm = OUTPUT_NORMS[output_norm](out_dim)
         self.tail = tail if tail is not None else nn.Identity()
+
+    def param_group_rules(self) -> tuple[ParamGroupRule, ...]:
+        """Parameters that need other optimizer settings than the rest of the head: cosine
+        logits' scales (no weight decay, no LARS) and, under ``qk_lr_scale``, q and k."""
+        rules = []
+        if self.attention_logits == "cosine":
+            rules.append(ParamGroupRule("logit_scale", "*.logit_scale", decay=False))
+        if self.qk_lr_scale != 1:
+            rules.append(ParamGroupRule("qk", "*.attn.qk.*", lr_scale=self.qk_lr_scale))
+        return tuple(rules)
 
     def _validate(self, x: torch.Tensor, num_views: int, world_size: int) -> None:
         if x.ndim != 2 or x.shape[1] != self.in_dim:

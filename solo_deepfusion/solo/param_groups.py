@@ -14,10 +14,13 @@ warm-up and cosine decay at ``lr_scale`` times the lr of the group it came from 
 for every group). With ``HeadOptimizer()`` nothing is moved: the stock groups are used as they
 are. Every ``<method>_<head>`` variant takes these keys; a head's registration may declare its
 defaults (``register_projector(..., optimizer={"lr_scale": 0.1})``, as ``transformer`` does).
+Parameters that a head's ``param_group_rules()`` names (a cosine-attention head's logit
+scales, its q/k weights under ``qk_lr_scale``) get groups of their own, derived from the head's.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
@@ -26,6 +29,8 @@ from typing import Any
 from omegaconf import DictConfig
 from solo.utils.misc import omegaconf_select
 from torch import nn
+
+from solo_deepfusion.heads.transformer import ParamGroupRule
 
 HEAD_GROUP = "deepfusion_head"
 
@@ -113,7 +118,41 @@ def split_head_group(
         # LARS scales an update by min(eta * trust ratio / lr, 1) under clip_lr; an infinite
         # eta makes that factor 1 (solo/utils/lars.py), i.e. plain momentum SGD.
         head_group["eta"] = math.inf
-    return [*out, head_group]
+    return [*out, *_rule_groups(head_group, head)]
+
+
+def head_rules(head: nn.Module) -> list[tuple[ParamGroupRule, list[nn.Parameter]]]:
+    """Every :class:`ParamGroupRule` a module of ``head`` declares (``param_group_rules()``),
+    with the parameters of that module its pattern matches."""
+    found = []
+    for module in head.modules():
+        declared = getattr(module, "param_group_rules", None)
+        for rule in declared() if declared is not None else ():
+            params = [p for n, p in module.named_parameters() if fnmatch.fnmatch(n, rule.pattern)]
+            if params:
+                found.append((rule, params))
+    return found
+
+
+def _rule_groups(head_group: dict[str, Any], head: nn.Module) -> list[dict[str, Any]]:
+    """``head_group``, less the parameters its head's rules claim, and one group per rule.
+
+    A rule's group is the head's with the rule's lr multiplier; ``decay=False`` sets weight
+    decay 0 and ``exclude_bias_n_norm``, which makes solo-learn's LARS leave a 1-D parameter
+    unadapted (LARS would still adapt a 2-D one).
+    """
+    claimed: set[int] = set()
+    groups = []
+    for rule, params in head_rules(head):
+        mine = [p for p in params if id(p) not in claimed]
+        claimed |= {id(p) for p in mine}
+        group = {**head_group, "name": f"{HEAD_GROUP}_{rule.name}", "params": mine}
+        group["lr"] = rule.lr_scale * head_group["lr"]
+        if not rule.decay:
+            group.update(weight_decay=0.0, exclude_bias_n_norm=True)
+        groups.append(group)
+    rest = [p for p in head_group["params"] if id(p) not in claimed]
+    return [{**head_group, "params": rest}, *groups] if rest else groups
 
 
 def _settings(group: dict[str, Any]) -> dict[str, Any]:

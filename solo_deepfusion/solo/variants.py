@@ -37,7 +37,7 @@ from solo_deepfusion.solo.context import (
     MomentumJointContextMixin,
 )
 from solo_deepfusion.solo.monitor import MONITOR_DEFAULTS, MONITOR_KEYS
-from solo_deepfusion.solo.param_groups import HeadOptimizer, split_head_group
+from solo_deepfusion.solo.param_groups import HeadOptimizer, head_rules, split_head_group
 from solo_deepfusion.validation import check_choice
 
 # Every solo-learn method with a projection head (all but `mae` and `linear`): the methods whose
@@ -229,11 +229,10 @@ class DeepFusionVariant:
         """The stock groups, with the head in a group of its own when ``projector`` asks."""
         groups = super().learnable_params
         options = HeadOptimizer.from_cfg(self.cfg)
-        if options.is_default:
+        head = self.get_submodule(self.context_projector)
+        if options.is_default and not head_rules(head):
             return groups
-        return split_head_group(
-            groups, self.get_submodule(self.context_projector), options, self.lr
-        )
+        return split_head_group(groups, head, options, self.lr)
 
     def _replace(self, path: str, module: nn.Module) -> None:
         parent, _, name = path.rpartition(".")

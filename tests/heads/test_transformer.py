@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import math
 import os
 import socket
@@ -54,7 +55,12 @@ def reference_forward(head: TransformerProjector, x: torch.Tensor, num_views: in
     for block in head.blocks:
         attn = block.attn
         inp = block.norm1(h) if block.pre_norm else h
-        q, k, v = attn.qkv(inp).chunk(3, dim=-1)
+        if hasattr(attn, "qkv"):
+            q, k, v = attn.qkv(inp).chunk(3, dim=-1)
+        elif attn.tied:
+            q, k, v = attn.qk(inp), attn.qk(inp), attn.v(inp)
+        else:
+            (q, k), v = attn.qk(inp).chunk(2, dim=-1), attn.v(inp)
         hd = q.shape[-1] // attn.heads
         outs, layer_maps = [], []
         for i in range(attn.heads):
@@ -67,7 +73,11 @@ def reference_forward(head: TransformerProjector, x: torch.Tensor, num_views: in
                     + ln.bias
                     for t, ln in ((qi, attn.q_norm), (ki, attn.k_norm))
                 )
-            scores = (qi @ ki.T) / math.sqrt(hd)
+            if attn.logit_scale is None:
+                scores = (qi @ ki.T) / math.sqrt(hd)
+            else:  # cosine similarities times the head's scale, clamped at 100
+                cosine = (qi / qi.norm(dim=1, keepdim=True)) @ (ki / ki.norm(dim=1, keepdim=True)).T
+                scores = min(math.exp(attn.logit_scale[i].item()), 100.0) * cosine
             scores = scores.masked_fill(~allowed, float("-inf"))
             weights = torch.exp(scores - scores.max(dim=1, keepdim=True).values)
             weights = weights / weights.sum(dim=1, keepdim=True)
@@ -79,12 +89,13 @@ def reference_forward(head: TransformerProjector, x: torch.Tensor, num_views: in
             layer_maps.append(weights)
             outs.append((weights - uniform) @ vi if attn.centred else weights @ vi)
         attended = attn.proj(torch.cat(outs, dim=1))
+        skip = 1.0 if block.residual else 0.0
         if block.pre_norm:
-            h = h + attended
-            h = h + block.ffn(block.norm2(h))
+            h = skip * h + attended
+            h = skip * h + block.ffn(block.norm2(h))
         else:
-            h = block.norm1(h + attended)
-            h = block.norm2(h + block.ffn(h))
+            h = block.norm1(skip * h + attended)
+            h = block.norm2(skip * h + block.ffn(h))
         maps.append(torch.stack(layer_maps))
     out = head.out_proj(head.final_norm(h))
     if isinstance(head.output_norm, nn.BatchNorm1d):  # eval mode, no affine
@@ -104,6 +115,9 @@ def randomize_norms(head: nn.Module) -> nn.Module:
         if isinstance(module, nn.BatchNorm1d):
             module.running_mean = torch.randn(module.running_mean.shape, generator=g)
             module.running_var = 0.5 + torch.rand(module.running_var.shape, generator=g)
+        if getattr(module, "logit_scale", None) is not None:  # a scale per head, one clamped
+            scales = torch.tensor([2.0, 10.0, 40.0, 500.0])[: module.heads]
+            module.logit_scale.data = scales.log()
     return head
 
 
@@ -178,6 +192,12 @@ _SHARED = {
     "qk_norm": False,
     "centred_attention": False,
     "mixing": "attention",
+    "attention_logits": "dot",
+    "logit_scale_init": 10.0,
+    "qk_init": "xavier",
+    "qk_lr_scale": 1.0,
+    "residual": True,
+    "block_norm": "layer",
     "gather_distributed": True,
 }
 PAPER_SIZE = {"dim": 256, "depth": 10, "heads": 16, "ffn_dim": 1024}
@@ -267,6 +287,14 @@ def test_masked_entries_get_exactly_zero_and_rows_sum_to_one(mask, num_views):
         {"mixing": "mean"},
         {"mixing": "none"},
         {"mixing": "mean", "output_norm": "batch", "qk_norm": True},
+        {"attention_logits": "cosine"},
+        {"attention_logits": "cosine", "qk_norm": True, "qk_init": "tied"},
+        {"qk_init": "identity"},
+        {"qk_init": "tied"},
+        {"qk_lr_scale": 10.0},
+        {"residual": False},
+        {"block_norm": "batch"},
+        {"residual": False, "block_norm": "batch", "activation": "relu"},
     ],
 )
 def test_matches_naive_float64_reference(mask, norm, stability):
@@ -322,6 +350,24 @@ def test_every_parameter_receives_a_gradient(norm, mask, stability):
     assert missing == []
 
 
+@pytest.mark.parametrize("norm", ["post", "pre"])
+@pytest.mark.parametrize(
+    "regime",
+    [
+        {"attention_logits": "cosine"},
+        {"qk_init": "identity"},
+        {"qk_init": "tied", "attention_logits": "cosine"},
+        {"qk_lr_scale": 0.1},
+        {"residual": False, "block_norm": "batch", "activation": "relu"},
+    ],
+)
+def test_every_parameter_of_a_regime_receives_a_gradient(norm, regime):
+    head = tiny_head(norm=norm, mask="positives", **regime)
+    head(torch.randn(8, 24), num_views=2).square().sum().backward()
+    missing = [n for n, p in head.named_parameters() if p.grad is None or not p.grad.any()]
+    assert missing == []
+
+
 def test_seeded_construction_and_forward_are_deterministic():
     x = torch.randn(8, 24)
     torch.manual_seed(3)
@@ -357,11 +403,20 @@ def test_seeded_construction_and_forward_are_deterministic():
         ({"ffn_dim": 1.5}, r"ffn_dim must be a positive integer, got 1.5"),
         ({"dropout": "abc"}, r"dropout must be in \[0, 1\), got 'abc'"),
         ({"dropout": float("nan")}, r"dropout must be in \[0, 1\), got nan"),
+        ({"attention_logits": "l2"}, r"attention_logits='l2'.*\['cosine', 'dot'\]"),
+        ({"qk_init": "eye"}, r"qk_init='eye'.*\['identity', 'tied', 'xavier'\]"),
+        ({"block_norm": "group"}, r"block_norm='group'.*\['batch', 'layer'\]"),
+        ({"residual": "no"}, r"residual='no'.*\[False, True\]"),
+        ({"logit_scale_init": 0}, r"logit_scale_init must be a number in \(0, 100\], got 0"),
+        ({"logit_scale_init": 200.0}, r"logit_scale_init must be .*, got 200.0"),
+        ({"qk_lr_scale": -1.0}, r"qk_lr_scale must be a number in \(0, inf\], got -1.0"),
+        ({"qk_lr_scale": "10"}, r"qk_lr_scale must be a number in \(0, inf\], got '10'"),
     ],
 )
 def test_bad_configuration_names_the_field(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as err:
         tiny_head(**kwargs)
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("hidden_dim", [-5, 2.5, True])
@@ -400,6 +455,7 @@ def test_bad_inputs_name_the_problem():
         {"mask": "positives", "centred_attention": True},
         {"mask": "positives", "mixing": "mean"},
         {"mask": "positives", "mixing": "none"},
+        {"mask": "positives", "attention_logits": "cosine", "qk_init": "tied"},
     ],
 )
 def test_two_gloo_processes_match_one_process_over_the_concatenated_batch(fields, tmp_path):
@@ -506,3 +562,79 @@ def test_mixing_controls_keep_every_parameter_and_leave_only_q_and_k_untrained(m
         grad = block.attn.qkv.weight.grad
         assert not grad[:64].any()  # q and k: unused
         assert grad[64:].any()  # v: trained
+
+
+def test_cosine_logits_are_bounded_by_a_learnable_per_head_scale():
+    head = tiny_head(attention_logits="cosine").eval()
+    attn = head.blocks[0].attn
+    assert attn.logit_scale.shape == (4,)
+    torch.testing.assert_close(attn.logit_scale.exp(), torch.full((4,), 10.0))
+    x = 1e3 * torch.randn(10, 24)  # large inputs: dot logits would be huge, cosine ones are not
+    assert head.blocks[0].attn.logits(head.in_proj(x), None).abs().max() <= 10.0 + 1e-4
+    with torch.no_grad():
+        attn.logit_scale.fill_(math.log(1e4))  # clamped at 100
+    assert attn.logits(head.in_proj(x), None).abs().max() <= 100.0 + 1e-3
+    assert tiny_head().blocks[0].attn.logit_scale is None  # dot logits: no scale
+
+
+def test_identity_qk_init_makes_the_logits_a_similarity_kernel():
+    attn = tiny_head(qk_init="identity").blocks[0].attn
+    w_q, w_k = attn.qkv.weight[:32], attn.qkv.weight[32:64]
+    torch.testing.assert_close(w_q.T @ w_k, torch.eye(32), atol=1e-5, rtol=0)
+    assert not torch.equal(w_q, attn.qkv.weight[64:])  # v keeps its own init
+    xavier = tiny_head().blocks[0].attn.qkv.weight
+    assert not torch.allclose(xavier[:32].T @ xavier[32:64], torch.eye(32), atol=0.1)
+
+
+def test_tied_qk_shares_one_linear_for_queries_and_keys():
+    attn = tiny_head(qk_init="tied").blocks[0].attn
+    assert not hasattr(attn, "qkv") and attn.qk.out_features == 32 and attn.v.out_features == 32
+    x = torch.randn(6, 32)
+    q, k, _ = attn._heads(x)
+    torch.testing.assert_close(q, k)
+    dot = tiny_head().blocks[0].attn
+    assert sum(p.numel() for p in attn.parameters()) == sum(p.numel() for p in dot.parameters()) - (
+        32 * 32 + 32
+    )  # one matrix and bias fewer
+
+
+def test_default_heads_keep_the_fused_qkv_of_published_checkpoints():
+    """Zoo files hold ``blocks.<i>.attn.qkv.weight``: only a new field splits it."""
+    keys = set(tiny_head().state_dict())
+    assert "blocks.0.attn.qkv.weight" in keys and "blocks.0.attn.qk.weight" not in keys
+    split = set(tiny_head(qk_lr_scale=10.0).state_dict())
+    assert {"blocks.0.attn.qk.weight", "blocks.0.attn.v.weight"} <= split
+    assert "blocks.0.attn.qkv.weight" not in split
+
+
+def test_param_group_rules_name_the_logit_scales_and_q_k():
+    assert tiny_head().param_group_rules() == ()
+    head = tiny_head(attention_logits="cosine", qk_lr_scale=10.0)
+    rules = {r.name: r for r in head.param_group_rules()}
+    assert not rules["logit_scale"].decay and rules["qk"].lr_scale == 10.0
+    names = [n for n, _ in head.named_parameters()]
+    assert fnmatch.filter(names, rules["logit_scale"].pattern) == [
+        "blocks.0.attn.logit_scale",
+        "blocks.1.attn.logit_scale",
+    ]
+    assert fnmatch.filter(names, rules["qk"].pattern) == [
+        f"blocks.{i}.attn.qk.{p}" for i in (0, 1) for p in ("weight", "bias")
+    ]
+
+
+def test_without_residuals_the_output_depends_on_attention():
+    """No skip: a block's output is what attention and the FFN made of the tokens."""
+    x = torch.randn(12, 24)
+    for residual in (True, False):
+        head = tiny_head(residual=residual, norm="pre").eval()
+        out = head(x, num_views=2)
+        with torch.no_grad():
+            for block in head.blocks:
+                block.attn.proj.weight.zero_()
+                block.attn.proj.bias.zero_()
+                block.ffn[-1].weight.zero_()
+                block.ffn[-1].bias.zero_()
+        silenced = head(x, num_views=2)
+        assert not torch.allclose(out, silenced)
+        constant = torch.allclose(silenced, silenced[:1].expand_as(silenced))
+        assert constant == (not residual)  # only the skips carried the tokens

@@ -143,3 +143,31 @@ def test_bad_head_optimizer_fields_name_the_field(fields, message):
     with pytest.raises(ValueError, match=message) as err:
         METHODS["simclr_transformer"].add_and_assert_specific_cfg(cfg)
     assert "\n" not in str(err.value)
+
+
+def test_logit_scales_and_q_k_get_groups_of_their_own():
+    """Cosine logits' scales: no weight decay, no LARS adaptation; q/k at qk_lr_scale x the
+    head's lr. Even at ``lr_scale=1``, where the rest of the head keeps the stock settings."""
+    torch.manual_seed(0)
+    fields = {**SMALL, "attention_logits": "cosine", "qk_lr_scale": 10.0}
+    cfg = method_cfg("simclr_transformer", **fields, lr_scale=1.0)
+    cfg.optimizer.update(
+        name="lars",
+        lr=0.4,
+        weight_decay=1e-4,
+        kwargs={"momentum": 0.9, "eta": 0.02, "clip_lr": True, "exclude_bias_n_norm": False},
+    )
+    model = build_model(cfg)
+    optimizer = model.configure_optimizers()
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    attn = model.get_submodule(model.context_projector).head.blocks[0].attn
+    scales, qk = groups[f"{HEAD_GROUP}_logit_scale"], groups[f"{HEAD_GROUP}_qk"]
+    assert [id(p) for p in scales["params"]] == [id(attn.logit_scale)]
+    assert {id(p) for p in qk["params"]} == {id(attn.qk.weight), id(attn.qk.bias)}
+    assert groups[HEAD_GROUP]["lr"] == 0.4 and qk["lr"] == pytest.approx(4.0)
+    assert scales["weight_decay"] == 0 and scales["exclude_bias_n_norm"]
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    before = attn.logit_scale.detach().clone()
+    optimizer.step()  # plain momentum SGD: neither decayed nor LARS-scaled
+    torch.testing.assert_close(attn.logit_scale.detach(), before - 0.4 * attn.logit_scale.grad)

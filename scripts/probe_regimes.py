@@ -1,0 +1,354 @@
+"""Which head regime makes the attention learn? Head-only, on a trained backbone's features.
+
+Each arm trains a Deep Fusion head alone, as scripts/bench_stability.py does: SimCLR's own
+``training_step`` (its NT-Xent loss) and optimizer (LARS, the head in its own group) at the
+recipe's peak lr, on cached features of two augmented crops of CIFAR-10 training images by the
+zoo's ``simclr-r18-cifar10-cpu``. Then, on held-out images (the same class-balanced batches for
+every arm), it measures per layer the fusion ratio (same-class attention mass over what uniform
+attention gives, a query's own views left out; solo_deepfusion/fusion/metrics.py), the mass on
+the positive (the query's own other view) apart from it, the row entropy and the logit spread;
+and the outputs' mean cosine, effective rank and leave-one-out 1-NN accuracy within a batch.
+
+    python scripts/probe_regimes.py --data <cifar10 folder>               # every arm
+    python scripts/probe_regimes.py --data <cifar10 folder> --arms cosine tied
+    python scripts/probe_regimes.py --data <cifar10 folder> --dry-run     # 2 steps, 1 arm
+    python scripts/probe_regimes.py --report-only                         # the table, again
+
+Rows go to ``<out>/results.jsonl`` as arms finish (a rerun skips finished arms at the same
+steps; ``--redo`` trains them again, and the newest row is reported), the table to
+``<out>/report.md``, under ``<out>/verdict.md`` when there is one. The target (issue 23): the
+last layer's fusion ratio >= 1.5 and rising with depth, every layer's entropy above 0.5 nats,
+and no output collapse (mean output cosine below 0.5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from bench_stability import HEALTHY_COSINE, HEALTHY_ENTROPY, cached_features, fit_head, head_model
+from torchvision.datasets import ImageFolder
+
+from solo_deepfusion.atomic import write_text
+from solo_deepfusion.datasets import prepare_data
+from solo_deepfusion.fusion import fusion_stats, leave_one_out_1nn_accuracy
+from solo_deepfusion.heads.diagnostics import collapse_stats
+from solo_deepfusion.jsonl import append_jsonl
+from solo_deepfusion.solo.bench.grid import ProjectorSpec
+from solo_deepfusion.solo.measure import evaluating, fusion_head, head_tail
+
+RECIPE = "simclr"
+DEFAULT = "transformer:lr_scale=0.1,preset=stable_bn"  # the default head, spelled out
+EARLIEST = "residual=false,block_norm=batch,activation=relu,heads=4,norm=post"
+T002 = "method_kwargs.temperature=0.02"
+
+
+@dataclass(frozen=True)
+class Arm:
+    """A regime: head fields that replace or add to the default's, and recipe overrides."""
+
+    fields: str = ""
+    recipe: tuple[str, ...] = ()
+
+    @property
+    def spec(self) -> str:
+        default = ProjectorSpec.parse(DEFAULT)
+        fields = dict(default.fields) | dict(
+            ProjectorSpec.parse(f"transformer:{self.fields}").fields
+        )
+        return ProjectorSpec(default.name, tuple(sorted(fields.items()))).label
+
+
+ARMS = {  # in the order they run: the likeliest answers first, diverging arms cost seconds
+    "default": Arm(),
+    "cosine": Arm("attention_logits=cosine"),
+    "tied": Arm("qk_init=tied"),
+    "cosine_tied": Arm("attention_logits=cosine,qk_init=tied"),
+    # the authors' earliest regime (paper-notes §9): no skips, BatchNorm in the blocks, ReLU,
+    # 4 heads, post-norm, no mask, NT-Xent temperature 0.02
+    "earliest": Arm(f"{EARLIEST},mask=none", (T002,)),
+    "earliest_positives": Arm(EARLIEST, (T002,)),
+    # the same with attention that starts selective, at the recipe's temperature (0.2): at
+    # 0.02 it diverges within 10 steps too
+    "earliest_cosine_tied_t0.2": Arm(f"{EARLIEST},mask=none,attention_logits=cosine,qk_init=tied"),
+    "identity": Arm("qk_init=identity"),
+    "mask_none": Arm("mask=none"),
+    "view": Arm("context=view"),
+    "qk_lr_10": Arm("qk_lr_scale=10"),
+    "qk_lr_0.1": Arm("qk_lr_scale=0.1"),
+    "no_residual": Arm("residual=false"),
+    "cosine_no_residual": Arm("attention_logits=cosine,residual=false"),
+    "mean": Arm("mixing=mean"),  # no selection at all: the floor of every number
+}
+
+
+def class_split(labels: torch.Tensor, held_out_per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training indices, and held-out ones: the last ``held_out_per_class`` images of each
+    class, shuffled once (seed 0) so that every held-out batch mixes the classes."""
+    held = torch.cat(
+        [(labels == c).nonzero().flatten()[-held_out_per_class:] for c in labels.unique()]
+    )
+    train = torch.ones(len(labels), dtype=torch.bool)
+    train[held] = False
+    order = torch.randperm(len(held), generator=torch.Generator().manual_seed(0))
+    return train.nonzero().flatten(), held[order]
+
+
+def feature_labels(data: Path, work: Path, per_class: int) -> torch.Tensor:
+    """The class of each image of :func:`cached_features` (its ImageFolder's order)."""
+    folder = prepare_data(data, work, train_per_class=per_class, val_per_class=1).train
+    return torch.tensor(ImageFolder(str(folder)).targets)
+
+
+def measure(model: pl.LightningModule, feats: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Per-layer fusion statistics and logit spread, and the outputs' cosine, rank and 1-NN
+    accuracy, averaged over held-out batches ``feats`` ``(batches, 2, B, F)``. A ``view``
+    head sees each crop's batch alone (as it trains); a ``joint`` one both crops."""
+    head = fusion_head(model)
+    rows = []
+    with evaluating(model):
+        for batch, batch_labels in zip(feats, labels, strict=True):
+            views = 2 if head.context == "joint" else 1
+            tokens = torch.cat(list(batch[:views]))
+            out, maps = head(tokens, num_views=views, return_attention=True)
+            out = head_tail(model)(out)
+            layers = fusion_stats(maps, batch_labels, num_views=views)
+            collapse = collapse_stats(head, tokens, num_views=views, tail=head_tail(model))
+            rows.append(
+                {
+                    "fusion_ratio": [s.fusion_ratio for s in layers],
+                    "positive_mass": [s.positive_mass for s in layers],
+                    "entropy": [s.entropy for s in layers],
+                    "logit_std": list(collapse.logit_std),
+                    "output_cosine": collapse.output_cosine,
+                    "output_rank": collapse.output_rank,
+                    # the first crop's outputs alone: a token's own other view is no neighbour
+                    "nn_accuracy": leave_one_out_1nn_accuracy(
+                        out[: len(batch_labels)], batch_labels, None
+                    ),
+                }
+            )
+    return {key: _mean([row[key] for row in rows]) for key in rows[0]}
+
+
+def kernel_fusion(feats: torch.Tensor, labels: torch.Tensor, scales: tuple[float, ...]) -> dict:
+    """The fusion ratio of attention that is a softmax of ``scale`` x the cosine similarity of
+    the backbone's features (both crops, own views masked): what a head that only reads the
+    features' kNN structure would show, by ``scale``."""
+    out = {}
+    for scale in scales:
+        ratios = []
+        for batch, batch_labels in zip(feats, labels, strict=True):
+            unit = torch.nn.functional.normalize(torch.cat(list(batch)), dim=-1)
+            tokens = len(unit)
+            sample = torch.arange(tokens) % (tokens // 2)
+            logits = (scale * unit @ unit.T).masked_fill(
+                sample[:, None] == sample[None, :], float("-inf")
+            )
+            ratios.append(fusion_stats([logits.softmax(-1)], batch_labels, num_views=2)[0])
+        out[f"{scale:g}"] = sum(r.fusion_ratio for r in ratios) / len(ratios)
+    return out
+
+
+def _mean(values: list) -> float | list[float]:
+    if isinstance(values[0], list):
+        return [sum(column) / len(column) for column in zip(*values, strict=True)]
+    return sum(values) / len(values)
+
+
+class Trajectory(pl.Callback):
+    """The last layer's fusion ratio, entropy and positive mass every ``every`` steps."""
+
+    def __init__(self, every: int, feats: torch.Tensor, labels: torch.Tensor) -> None:
+        self.every, self.feats, self.labels = every, feats, labels
+        self.points: list[dict] = []
+
+    def on_train_batch_end(self, trainer, pl_module, *_) -> None:
+        if trainer.global_step % self.every == 0:
+            stats = measure(pl_module, self.feats[:1], self.labels[:1])
+            self.points.append(
+                {"step": trainer.global_step}
+                | {k: stats[k][-1] for k in ("fusion_ratio", "entropy", "positive_mass")}
+            )
+
+
+def train_arm(name: str, feats: torch.Tensor, labels: torch.Tensor, args, scratch: Path) -> dict:
+    """Fit arm ``name``'s head alone and measure it on the held-out batches, before and after."""
+    arm = ARMS[name]
+    cfg, model = head_model(RECIPE, arm.spec, scratch, arm.recipe)
+    batch_size = cfg.optimizer.batch_size
+    train_idx, held_idx = class_split(labels, args.held_out_per_class)
+    batches = len(held_idx) // batch_size
+    held = held_idx[: batches * batch_size].view(batches, batch_size)
+    held_feats = feats[:, held].transpose(0, 1)  # (batches, 2, B, F)
+    held_labels = labels[held]
+    before = measure(model, held_feats, held_labels)
+    features_nn = [
+        leave_one_out_1nn_accuracy(f[0], y, None)
+        for f, y in zip(held_feats, held_labels, strict=True)
+    ]
+    trajectory = Trajectory(max(args.steps // 8, 1), held_feats, held_labels)
+    began = time.monotonic()
+    diverged_at = fit_head(model, feats[:, train_idx], args.steps, batch_size, [trajectory])
+    seconds = time.monotonic() - began
+    after = measure(model, held_feats, held_labels) if diverged_at is None else {}
+    return {
+        "arm": name,
+        "spec": ProjectorSpec.parse(arm.spec).label,
+        "recipe_overrides": list(arm.recipe),
+        "steps": args.steps,
+        "lr": cfg.optimizer.lr,
+        "batch_size": batch_size,
+        "temperature": cfg.method_kwargs.temperature,
+        "held_out_batches": batches,
+        "features_nn_accuracy": sum(features_nn) / batches,
+        "features_kernel_fusion": kernel_fusion(held_feats, held_labels, (10, 30, 100)),
+        "before": before,
+        **after,
+        "trajectory": trajectory.points,
+        "diverged_at_step": diverged_at,
+        "seconds": seconds,
+    }
+
+
+def reached(row: dict) -> bool:
+    """The issue's target: last layer's fusion ratio >= 1.5 and above the first's, every
+    layer's entropy above 0.5 nats, output cosine below 0.5."""
+    if row.get("diverged_at_step") is not None:
+        return False
+    ratio = row["fusion_ratio"]
+    return (
+        ratio[-1] >= 1.5
+        and ratio[-1] > ratio[0]
+        and min(row["entropy"]) > HEALTHY_ENTROPY
+        and row["output_cosine"] < HEALTHY_COSINE
+    )
+
+
+def _layers(values: list[float], digits: int = 2) -> str:
+    return " ".join(f"{v:.{digits}f}" for v in values)
+
+
+def table_row(r: dict) -> str:
+    """``r``'s line of the report's table."""
+    if r.get("diverged_at_step") is not None:
+        return f"| `{r['arm']}` | diverged at step {r['diverged_at_step']} |||||||| ✘ |"
+    return (
+        f"| `{r['arm']}` | {_layers(r['fusion_ratio'])} | {_layers(r['positive_mass'])} "
+        f"| {_layers(r['entropy'])} | {_layers(r['logit_std'])} "
+        f"| {r['before']['fusion_ratio'][-1]:.2f}→{r['fusion_ratio'][-1]:.2f} "
+        f"| {r['output_cosine']:.2f} · {r['output_rank']:.0f} | {r['nn_accuracy']:.3f} "
+        f"| {r['seconds'] / 60:.0f} | {'✔' if reached(r) else '✘'} |"
+    )
+
+
+def write_report(out: Path, rows: list[dict], steps: int) -> str:
+    """``<out>/report.md`` from the rows at ``steps``, under ``<out>/verdict.md`` if there."""
+    verdict = out / "verdict.md"
+    text = report(
+        [r for r in rows if r["steps"] == steps], verdict.read_text() if verdict.is_file() else ""
+    )
+    write_text(out / "report.md", text)
+    return text
+
+
+def _ceiling(rows: list[dict]) -> list[str]:
+    """The report's line on what the features allow (from the newest row that has it)."""
+    known = [r["features_kernel_fusion"] for r in rows if "features_kernel_fusion" in r]
+    if not known:
+        return []
+    ratios = ", ".join(f"{v:.2f} at scale {k}" for k, v in known[-1].items())
+    return [
+        "",
+        "What the features allow: attention that is a softmax of the scaled cosine similarity "
+        f"of the backbone's features themselves has fusion ratio {ratios}.",
+    ]
+
+
+def report(rows: list[dict], verdict: str = "") -> str:
+    """One line per arm (newest row), in :data:`ARMS` order."""
+    newest = {r["arm"]: r for r in rows}
+    order = [a for a in ARMS if a in newest] + [a for a in newest if a not in ARMS]
+    lines = [
+        "# Regime search: does the head's attention learn? (head only, SimCLR, CIFAR-10)",
+        "",
+        *([verdict.strip(), ""] if verdict.strip() else []),
+        "Held-out, class-balanced batches of 256 images (both crops: 512 tokens; a `view` head: "
+        "one crop's 256). Per layer, first to last: fusion ratio (1 = no class preference), "
+        "mass on the positive (own other view), row entropy (nats; uniform over the 510 keys a "
+        "`positives`-masked query sees: 6.23), logit std across keys. Then the last layer's "
+        "fusion ratio before → after "
+        "training, the outputs' mean cosine and effective rank, the leave-one-out 1-NN "
+        "accuracy of the outputs within a batch (first crop; the backbone's features give "
+        f"{rows[0]['features_nn_accuracy'] if rows else float('nan'):.3f}), and ✔ where the "
+        "issue's target is met "
+        "(last layer ≥ 1.5 and above the first, entropy > 0.5, cosine < 0.5). "
+        "Command: `python scripts/probe_regimes.py --data <cifar10>`.",
+        *_ceiling(rows),
+        "",
+        "| arm | fusion ratio | positive mass | entropy | logit std | last: before→after "
+        "| cos · rank | 1-NN | min | target |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [table_row(newest[name]) for name in order]
+    lines += ["", "Arms (the head's fields, and recipe overrides):", ""]
+    for name in order:
+        r = newest[name]
+        extra = f"; {', '.join(r['recipe_overrides'])}" if r["recipe_overrides"] else ""
+        lines.append(
+            f"- `{name}`: `{r['spec']}`{extra}; {r['steps']} steps at the recipe's lr {r['lr']:g} "
+            "(the head's: x `lr_scale`) "
+            f"(batch {r['batch_size']}, temperature {r['temperature']:g})"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default=os.environ.get("SOLO_DEEPFUSION_DATA"))
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--per-class", type=int, default=1000, help="images per class")
+    parser.add_argument("--held-out-per-class", type=int, default=100)
+    parser.add_argument("--redo", action="store_true", help="train finished arms again")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/regimes"))
+    parser.add_argument("--work", type=Path, default=Path("benchmarks/scratch/regimes"))
+    parser.add_argument("--dry-run", action="store_true", help="2 steps of the first arm")
+    parser.add_argument(
+        "--report-only", action="store_true", help="rewrite the report from <out>; train nothing"
+    )
+    args = parser.parse_args()
+    if not args.data and not args.report_only:
+        parser.error("--data (or SOLO_DEEPFUSION_DATA): the CIFAR-10 folder")
+    if args.dry_run:
+        args.arms, args.steps, args.out = args.arms[:1], 2, args.work / "dry-run"
+    results = args.out / "results.jsonl"
+    rows = (
+        [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+    )
+    if not args.report_only:
+        args.work.mkdir(parents=True, exist_ok=True)
+        scratch = args.work / "empty"
+        scratch.mkdir(exist_ok=True)
+        feats = cached_features(Path(args.data), args.work, args.per_class)
+        labels = feature_labels(Path(args.data), args.work, args.per_class)
+        done = set() if args.redo else {(r["arm"], r["steps"]) for r in rows}
+        for name in args.arms:
+            if (name, args.steps) in done:
+                continue
+            row = train_arm(name, feats, labels, args, scratch)
+            append_jsonl(results, row)
+            rows.append(row)
+            write_report(args.out, rows, args.steps)
+            print(table_row(row), flush=True)
+    print(write_report(args.out, rows, args.steps))
+
+
+if __name__ == "__main__":
+    main()
