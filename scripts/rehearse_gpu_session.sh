@@ -57,7 +57,7 @@ print("python", sys.version.split()[0], "torch", torch.__version__, "lightning",
 
   echo "== 4. the session, tiny, on the CPU"
   session() {
-    (cd "$stage/tree" && PYTHON="$venv/bin/python" OUT="$stage/out" WORK="$stage/work" \
+    (cd "$stage/tree" && PYTHON="$venv/bin/python" OUT="$stage/out" WORK="$stage/session" \
       SOLO_DEEPFUSION_COMMIT=$(git -C "$repo" rev-parse HEAD) BUDGET_S=${BUDGET_S:-900} \
       bash scripts/gpu_session.sh --scale tiny)
   }
