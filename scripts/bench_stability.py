@@ -88,17 +88,20 @@ def crops() -> T.Compose:
 
 
 @torch.no_grad()
-def cached_features(data: Path, work: Path, per_class: int) -> torch.Tensor:
-    """``(2, N, 512)``: two crops of the first ``per_class`` training images of each class."""
-    path = work / f"features-{per_class}.pt"
+def cached_features(
+    data: Path, work: Path, per_class: int, backbone: str = FEATURES_BACKBONE
+) -> torch.Tensor:
+    """``(2, N, 512)``: two crops of the first ``per_class`` training images of each class,
+    through the zoo entry ``backbone``'s backbone."""
+    path = work / f"features-{backbone}-{per_class}.pt"
     if path.is_file():
         return torch.load(path, weights_only=True)
     folder = prepare_data(data, work, train_per_class=per_class, val_per_class=1).train
     torch.manual_seed(0)
     images = ImageFolder(str(folder), transform=crops())
-    backbone = load_backbone(FEATURES_BACKBONE, progress=False)
+    model = load_backbone(backbone, progress=False)
     loader = torch.utils.data.DataLoader(images, batch_size=256)
-    views = [torch.cat([backbone(x) for x, _ in loader]) for _ in range(2)]
+    views = [torch.cat([model(x) for x, _ in loader]) for _ in range(2)]
     feats = torch.stack(views)
     tmp = path.with_suffix(".tmp")
     torch.save(feats, tmp)

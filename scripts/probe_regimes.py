@@ -32,7 +32,15 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from bench_stability import HEALTHY_COSINE, HEALTHY_ENTROPY, cached_features, fit_head, head_model
+from bench_stability import (
+    FEATURES_BACKBONE,
+    HEALTHY_COSINE,
+    HEALTHY_ENTROPY,
+    cached_features,
+    fit_head,
+    head_model,
+)
+from solo.losses.simclr import simclr_loss_func
 from torchvision.datasets import ImageFolder
 
 from solo_deepfusion.atomic import write_text
@@ -79,6 +87,9 @@ ARMS = {  # in the order they run: the likeliest answers first, diverging arms c
     "earliest_cosine_tied_t0.2": Arm(f"{EARLIEST},mask=none,attention_logits=cosine,qk_init=tied"),
     "identity": Arm("qk_init=identity"),
     "mask_none": Arm("mask=none"),
+    # a query may attend to its own other view (the authors' setting), with attention that
+    # starts as a soft kNN: does same-class mass come with the positive's?
+    "tied_mask_none": Arm("mask=none,qk_init=tied"),
     "view": Arm("context=view"),
     "qk_lr_10": Arm("qk_lr_scale=10"),
     "qk_lr_0.1": Arm("qk_lr_scale=0.1"),
@@ -135,6 +146,64 @@ def measure(model: pl.LightningModule, feats: torch.Tensor, labels: torch.Tensor
                 }
             )
     return {key: _mean([row[key] for row in rows]) for key in rows[0]}
+
+
+CLASS_BIASES = (0.25, 0.5, 1.0, 2.0)
+
+
+def _grouped_scores(attn: torch.nn.Module, groups: torch.Tensor, views: int, beta: float):
+    """``attn``'s own score function plus ``beta`` where query and key share a group but are
+    not views of one sample (view-major tokens, ``groups`` per sample)."""
+    scores = type(attn)._scores.__get__(attn)
+    sample = torch.arange(len(groups)).repeat(views)
+    tokens = groups.repeat(views)
+    same = (tokens[:, None] == tokens[None, :]) & (sample[:, None] != sample[None, :])
+    return lambda q, k, allowed: scores(q, k, allowed) + beta * same.to(q.dtype)
+
+
+def class_bias_losses(
+    model: pl.LightningModule,
+    feats: torch.Tensor,
+    labels: torch.Tensor,
+    betas: tuple[float, ...] = CLASS_BIASES,
+) -> dict[str, list[float]] | None:
+    """Does the loss reward attention that prefers the query's class? SimCLR's loss on the
+    held-out batches ``feats`` ``(batches, 2, B, F)`` (eval mode) when every layer's logits get
+    ``+beta`` on the keys of the query's class (its own sample's views aside), minus the loss
+    without, per ``beta``; and the same for random groups of the classes' sizes (any block
+    structure, no class meaning). Positive: the objective penalises that preference. ``None``
+    for a fixed mixing."""
+    head = fusion_head(model)
+    if any(block.attn.mixing != "attention" for block in head.blocks):
+        return None
+    views = 2 if head.context == "joint" else 1
+    shuffle = torch.Generator().manual_seed(0)
+
+    def loss(batch: torch.Tensor, groups: torch.Tensor | None, beta: float) -> float:
+        for block in head.blocks:
+            if groups is not None:
+                block.attn._scores = _grouped_scores(block.attn, groups, views, beta)
+        try:
+            chunks = [torch.cat(list(batch))] if views == 2 else list(batch)
+            z = torch.cat([head(c, num_views=views, return_attention=True)[0] for c in chunks])
+        finally:
+            for block in head.blocks:
+                block.attn.__dict__.pop("_scores", None)
+        z = head_tail(model)(z)
+        indexes = torch.arange(batch.shape[1]).repeat(2)
+        return simclr_loss_func(z, indexes, model.temperature).item()
+
+    deltas: dict[str, list[list[float]]] = {"class": [], "random": []}
+    with evaluating(model):
+        for batch, batch_labels in zip(feats, labels, strict=True):
+            base = loss(batch, None, 0.0)
+            groups = {
+                "class": batch_labels,
+                "random": batch_labels[torch.randperm(len(batch_labels), generator=shuffle)],
+            }
+            for kind, g in groups.items():
+                deltas[kind].append([loss(batch, g, beta) - base for beta in betas])
+    return {kind: _mean(rows) for kind, rows in deltas.items()}
 
 
 def kernel_fusion(feats: torch.Tensor, labels: torch.Tensor, scales: tuple[float, ...]) -> dict:
@@ -197,9 +266,16 @@ def train_arm(name: str, feats: torch.Tensor, labels: torch.Tensor, args, scratc
     began = time.monotonic()
     diverged_at = fit_head(model, feats[:, train_idx], args.steps, batch_size, [trajectory])
     seconds = time.monotonic() - began
-    after = measure(model, held_feats, held_labels) if diverged_at is None else {}
+    after = {}
+    if diverged_at is None:
+        after = measure(model, held_feats, held_labels)
+        after["class_bias_loss"] = class_bias_losses(model, held_feats, held_labels)
+        heads = scratch.parent / "heads"
+        heads.mkdir(exist_ok=True)  # for analyses after the fact (scratch, never committed)
+        torch.save(fusion_head(model).state_dict(), heads / f"{name}-{args.steps}.pt")
     return {
         "arm": name,
+        "backbone": args.backbone,
         "spec": ProjectorSpec.parse(arm.spec).label,
         "recipe_overrides": list(arm.recipe),
         "steps": args.steps,
@@ -238,14 +314,23 @@ def _layers(values: list[float], digits: int = 2) -> str:
 def table_row(r: dict) -> str:
     """``r``'s line of the report's table."""
     if r.get("diverged_at_step") is not None:
-        return f"| `{r['arm']}` | diverged at step {r['diverged_at_step']} |||||||| ✘ |"
+        return f"| `{r['arm']}` | diverged at step {r['diverged_at_step']} ||||||||| ✘ |"
     return (
         f"| `{r['arm']}` | {_layers(r['fusion_ratio'])} | {_layers(r['positive_mass'])} "
         f"| {_layers(r['entropy'])} | {_layers(r['logit_std'])} "
         f"| {r['before']['fusion_ratio'][-1]:.2f}→{r['fusion_ratio'][-1]:.2f} "
         f"| {r['output_cosine']:.2f} · {r['output_rank']:.0f} | {r['nn_accuracy']:.3f} "
-        f"| {r['seconds'] / 60:.0f} | {'✔' if reached(r) else '✘'} |"
+        f"| {_class_bias(r)} | {r['seconds'] / 60:.0f} | {'✔' if reached(r) else '✘'} |"
     )
+
+
+def _class_bias(r: dict) -> str:
+    """The loss change at a class bias of 1, and at a random groups' bias of 1."""
+    deltas = r.get("class_bias_loss")
+    if not deltas:
+        return "–"
+    at = CLASS_BIASES.index(1.0)
+    return f"{deltas['class'][at]:+.3f} / {deltas['random'][at]:+.3f}"
 
 
 def write_report(out: Path, rows: list[dict], steps: int) -> str:
@@ -274,11 +359,14 @@ def _ceiling(rows: list[dict]) -> list[str]:
 def report(rows: list[dict], verdict: str = "") -> str:
     """One line per arm (newest row), in :data:`ARMS` order."""
     newest = {r["arm"]: r for r in rows}
+    backbone = rows[0].get("backbone", FEATURES_BACKBONE) if rows else FEATURES_BACKBONE
+    option = "" if backbone == FEATURES_BACKBONE else f" --backbone {backbone}"
     order = [a for a in ARMS if a in newest] + [a for a in newest if a not in ARMS]
     lines = [
         "# Regime search: does the head's attention learn? (head only, SimCLR, CIFAR-10)",
         "",
         *([verdict.strip(), ""] if verdict.strip() else []),
+        f"Features of the zoo's `{backbone}` backbone. "
         "Held-out, class-balanced batches of 256 images (both crops: 512 tokens; a `view` head: "
         "one crop's 256). Per layer, first to last: fusion ratio (1 = no class preference), "
         "mass on the positive (own other view), row entropy (nats; uniform over the 510 keys a "
@@ -286,15 +374,18 @@ def report(rows: list[dict], verdict: str = "") -> str:
         "fusion ratio before → after "
         "training, the outputs' mean cosine and effective rank, the leave-one-out 1-NN "
         "accuracy of the outputs within a batch (first crop; the backbone's features give "
-        f"{rows[0]['features_nn_accuracy'] if rows else float('nan'):.3f}), and ✔ where the "
+        f"{rows[0]['features_nn_accuracy'] if rows else float('nan'):.3f}); the change of "
+        "SimCLR's loss on those batches when every layer's logits get +1 on the query's "
+        "class (own views aside), and +1 on random groups of the same sizes instead "
+        "(positive: the loss penalises that preference; – for a fixed mixing); and ✔ where the "
         "issue's target is met "
         "(last layer ≥ 1.5 and above the first, entropy > 0.5, cosine < 0.5). "
-        "Command: `python scripts/probe_regimes.py --data <cifar10>`.",
+        f"Command: `python scripts/probe_regimes.py --data <cifar10>{option}`.",
         *_ceiling(rows),
         "",
         "| arm | fusion ratio | positive mass | entropy | logit std | last: before→after "
-        "| cos · rank | 1-NN | min | target |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| cos · rank | 1-NN | Δ loss: class / random bias | min | target |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [table_row(newest[name]) for name in order]
     lines += ["", "Arms (the head's fields, and recipe overrides):", ""]
@@ -313,11 +404,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=os.environ.get("SOLO_DEEPFUSION_DATA"))
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument(
+        "--steps", type=int, help="default 1000; with --report-only, the newest row's"
+    )
     parser.add_argument("--per-class", type=int, default=1000, help="images per class")
     parser.add_argument("--held-out-per-class", type=int, default=100)
+    parser.add_argument(
+        "--backbone",
+        default=FEATURES_BACKBONE,
+        help=f"the zoo entry whose backbone makes the features (default {FEATURES_BACKBONE})",
+    )
     parser.add_argument("--redo", action="store_true", help="train finished arms again")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/regimes"))
+    parser.add_argument(
+        "--out", type=Path, help="default benchmarks/regimes, /<backbone> for another backbone"
+    )
     parser.add_argument("--work", type=Path, default=Path("benchmarks/scratch/regimes"))
     parser.add_argument("--dry-run", action="store_true", help="2 steps of the first arm")
     parser.add_argument(
@@ -326,17 +426,23 @@ def main() -> None:
     args = parser.parse_args()
     if not args.data and not args.report_only:
         parser.error("--data (or SOLO_DEEPFUSION_DATA): the CIFAR-10 folder")
+    if args.out is None:
+        args.out = Path("benchmarks/regimes")
+        if args.backbone != FEATURES_BACKBONE:
+            args.out /= args.backbone
     if args.dry_run:
         args.arms, args.steps, args.out = args.arms[:1], 2, args.work / "dry-run"
     results = args.out / "results.jsonl"
     rows = (
         [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
     )
+    if args.steps is None:
+        args.steps = rows[-1]["steps"] if args.report_only and rows else 1000
     if not args.report_only:
         args.work.mkdir(parents=True, exist_ok=True)
         scratch = args.work / "empty"
         scratch.mkdir(exist_ok=True)
-        feats = cached_features(Path(args.data), args.work, args.per_class)
+        feats = cached_features(Path(args.data), args.work, args.per_class, args.backbone)
         labels = feature_labels(Path(args.data), args.work, args.per_class)
         done = set() if args.redo else {(r["arm"], r["steps"]) for r in rows}
         for name in args.arms:

@@ -68,3 +68,18 @@ def test_the_target_needs_rising_fusion_high_entropy_and_no_collapse(probe):
     assert not probe.reached(row | {"entropy": [3.0, 0.4]})
     assert not probe.reached(row | {"output_cosine": 0.9})
     assert not probe.reached(row | {"diverged_at_step": 3})
+
+
+def test_class_bias_moves_the_loss_only_through_same_class_keys(probe, tmp_path):
+    _, model = probe.head_model("simclr", probe.ARMS["default"].spec, tmp_path)
+    feats = torch.randn(1, 2, 16, 512).relu()
+    labels = torch.arange(4).repeat(4)[None]
+    deltas = probe.class_bias_losses(model, feats, labels, (0.0, 3.0))
+    assert deltas["class"][0] == pytest.approx(0, abs=1e-6)  # no bias, no change
+    assert abs(deltas["class"][1]) > 1e-4 and abs(deltas["random"][1]) > 1e-4
+    # one group holding every sample shifts every allowed logit alike: softmax ignores it
+    one_group = probe.class_bias_losses(model, feats, torch.zeros_like(labels), (3.0,))
+    assert one_group["class"][0] == pytest.approx(0, abs=1e-5)
+    assert probe.fusion_head(model).blocks[0].attn._scores.__func__  # the class's own, restored
+    _, mean = probe.head_model("simclr", probe.ARMS["mean"].spec, tmp_path)
+    assert probe.class_bias_losses(mean, feats, labels) is None
