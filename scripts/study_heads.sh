@@ -10,7 +10,10 @@
 #                                                  budget, 6 seeds, paired with the confirm's
 #                                                  own mlp and default cells (copied in once)
 #   scripts/study_heads.sh report PHASE             benchmarks/PHASE/report.md and report.png
-#                                                  (benchmarks/PHASE/verdict.md on top, if there)
+#                                                  (benchmarks/PHASE/verdict.md on top, if there);
+#                                                  for controls also the decomposition mlp ->
+#                                                  mlp:output_norm=batch -> mixing=none -> mean
+#                                                  -> the default, and report-vs-default.md
 #
 # ARM is a bench projector spec (`transformer:norm=pre,qk_norm=true`); `mlp` is always added.
 # Every phase appends to benchmarks/<phase>/results.jsonl and resumes: finished cells are never
@@ -99,7 +102,11 @@ case "$phase" in
     verdict=()  # the written conclusion, benchmarks/<phase>/verdict.md, goes under the title
     [ -f "$dir/verdict.md" ] && verdict=(--verdict "$dir/verdict.md")
     "${bench[@]}" bench-report "$dir/results.jsonl" --out "$dir/report.md" --plot "$dir/report.png" \
-      "${verdict[@]}"
+      "${verdict[@]}" $([ "$1" = controls ] && echo --chain mlp "${control_arms[@]}" "$default_arm")
+    if [ "$1" = controls ]; then  # every arm's Δ to the default too
+      "${bench[@]}" bench-report "$dir/results.jsonl" --baseline "$default_arm" \
+        --out "$dir/report-vs-default.md"
+    fi
     ;;
   *)
     echo "unknown phase $phase: screen | confirm | controls | horizon | byol | vicreg | report" >&2

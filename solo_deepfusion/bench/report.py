@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -86,6 +87,7 @@ __all__ = [
     "Pair",
     "Results",
     "cell_rows",
+    "chained_differences",
     "confidence_interval",
     "holm_adjust",
     "load_results",
@@ -363,33 +365,55 @@ def _hash_check(
     return [s for s, (a, b) in compared if a != b], len(compared)
 
 
+def _pair(cells: dict[CellKey, dict[int, dict[str, Any]]], key, base_key, metrics) -> Pair:
+    """``key``'s per-seed Δ to ``base_key`` on the seeds both have."""
+    by_seed, base = cells[key], cells[base_key]
+    seeds = sorted(set(by_seed) & set(base))
+    deltas: dict[str, list[tuple[int, float]]] = {}
+    for name in metrics:
+        for seed in seeds:
+            a = _numbers([by_seed[seed]], "metrics", name)
+            b = _numbers([base[seed]], "metrics", name)
+            if a and b:
+                deltas.setdefault(name, []).append((seed, a[0] - b[0]))
+    order = _hash_check(by_seed, base, seeds, "data_order_sha256")
+    init = _hash_check(by_seed, base, seeds, "backbone_init_sha256")
+    return Pair(key, base_key, deltas, *order, *init)
+
+
 def paired_differences(
     results: Results, metrics: Sequence[str], baseline: str = BASELINE
 ) -> tuple[list[Pair], list[CellKey]]:
     """``(pairs, cells without a baseline)`` for every non-baseline cell."""
     cells = results.by_cell()
     pairs, orphans = [], []
-    for key, by_seed in cells.items():
+    for key in cells:
         if key.projector == baseline:
             continue
         base_key = find_baseline(key, cells, baseline)
         if base_key is None:
             orphans.append(key)
-            continue
-        base = cells[base_key]
-        seeds = sorted(set(by_seed) & set(base))
-        deltas: dict[str, list[tuple[int, float]]] = {}
-        for name in metrics:
-            for seed in seeds:
-                a = _numbers([by_seed[seed]], "metrics", name)
-                b = _numbers([base[seed]], "metrics", name)
-                if a and b:
-                    deltas.setdefault(name, []).append((seed, a[0] - b[0]))
-        order = _hash_check(by_seed, base, seeds, "data_order_sha256")
-        init = _hash_check(by_seed, base, seeds, "backbone_init_sha256")
-        pairs.append(Pair(key, base_key, deltas, *order, *init))
+        else:
+            pairs.append(_pair(cells, key, base_key, metrics))
     _holm_families(pairs, metrics)
     return pairs, orphans
+
+
+def chained_differences(
+    results: Results, metrics: Sequence[str], chain: Sequence[str]
+) -> list[Pair]:
+    """A decomposition: each head of ``chain`` (projector labels) paired with the one before
+    it, per method, budget and ablation values; the links' Δs add up to the last head's Δ to
+    the first. One Holm family per metric, method and budget, as for the baseline's pairs."""
+    cells = results.by_cell()
+    pairs = []
+    for before, after in itertools.pairwise(chain):
+        for key in cells:
+            base_key = find_baseline(key, cells, before) if key.projector == after else None
+            if base_key is not None:
+                pairs.append(_pair(cells, key, base_key, metrics))
+    _holm_families(pairs, metrics)
+    return pairs
 
 
 def _holm_families(pairs: list[Pair], metrics: Sequence[str]) -> None:
@@ -506,12 +530,18 @@ def _delta_cell(
     )
 
 
-def _pairs_table(pairs: list[Pair], metrics, digits: int, axes, budgets) -> list[str]:
+def _pairs_table(
+    pairs: list[Pair], metrics, digits: int, axes, budgets, chain: bool = False
+) -> list[str]:
     header = ["method", "projector", *axes, *(["budget"] if len(budgets) > 1 else [])]
+    if chain:
+        header.insert(2, "minus")
     header += [f"Δ {metric_title(m)}" for m in metrics]
     body = [
         [
-            *_key_cells(p.key, axes, budgets),
+            *_key_cells(p.key, axes, budgets)[:2],
+            *([f"`{p.baseline.projector}`"] if chain else []),
+            *_key_cells(p.key, axes, budgets)[2:],
             *(_delta_cell(p.deltas.get(m, []), m, digits, p.p_holm.get(m)) for m in metrics),
         ]
         for p in pairs
@@ -591,9 +621,11 @@ def render_markdown(
     baseline: str = BASELINE,
     plot: str | None = None,
     verdict: str | None = None,
+    chain: Sequence[str] = (),
 ) -> str:
     """The report as markdown; ``verdict`` (markdown written by whoever ran the study) goes
-    right under the title."""
+    right under the title; ``chain``: projector labels whose links (each minus the one before)
+    get a table of their own (:func:`chained_differences`)."""
     rows = cell_rows(results, metrics)
     pairs, orphans = paired_differences(results, metrics, baseline)
     keys = [row.key for row in rows]
@@ -608,7 +640,8 @@ def render_markdown(
         f"{len(rows)} cells, {len(results.failed)} failed.",
         "",
         "Accuracies in %, mean ± sample std over seeds; the fusion ratio is a ratio (1 = no "
-        "class preference). Δ: the paired difference to the `mlp` head of the same method, seed, "
+        f"class preference). Δ: the paired difference to the `{baseline}` head of the same "
+        "method, seed, "
         "ablation values and budget, in percentage points, with its 95% confidence interval over "
         "seeds (Student t) and the paired t-test's p-value, Holm-adjusted across the heads "
         "compared on one method and budget (p_Holm). An interval that contains 0 shows no "
@@ -631,6 +664,7 @@ def render_markdown(
         "",
         *(_pairs_table(pairs, paired, digits, axes, budgets) if pairs else ["No pairs."]),
         "",
+        *(_chain_section(results, metrics, chain, digits, axes, budgets) if chain else []),
         "## Checks",
         "",
         *_checks(pairs, orphans, results),
@@ -643,6 +677,26 @@ def render_markdown(
     if plot:
         out += ["", f"![paired differences]({plot})"]
     return "\n".join(out) + "\n"
+
+
+def _chain_section(results: Results, metrics, chain, digits: int, axes, budgets) -> list[str]:
+    links = chained_differences(results, metrics, chain)
+    paired = [m for m in metrics if any(p.deltas.get(m) for p in links)]
+    return [
+        "## Decomposition",
+        "",
+        "Each head minus the one before it in "
+        + " → ".join(f"`{label}`" for label in chain)
+        + ", paired by seed; the links add up to the last head's Δ to the first "
+        "(on the seeds that every head has).",
+        "",
+        *(
+            _pairs_table(links, paired, digits, axes, budgets, chain=True)
+            if links
+            else ["No pairs."]
+        ),
+        "",
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -768,6 +822,13 @@ def parser() -> argparse.ArgumentParser:
         "--digits", type=_digits, default=1, help="decimals of accuracies in %% (0 to 10)"
     )
     p.add_argument("--verdict", type=Path, help="markdown put under the title (the conclusion)")
+    p.add_argument(
+        "--chain",
+        nargs="+",
+        default=[],
+        metavar="LABEL",
+        help="projector labels: a table of each one minus the one before it (a decomposition)",
+    )
     return p
 
 
@@ -792,11 +853,13 @@ def write_report(args: argparse.Namespace) -> None:
         unreadable = f" ({results.bad_lines} unreadable lines)" if results.bad_lines else ""
         raise UsageError(f"no finished (status ok) record in the results{unreadable}")
     projectors = sorted({r["projector"] for r in results.records})
-    if args.baseline not in projectors:
-        raise UsageError(
-            f"--baseline {args.baseline}: no cell has that projector; "
-            f"present: {', '.join(projectors)}"
-        )
+    for option, label in (("--baseline", args.baseline), *(("--chain", c) for c in args.chain)):
+        if label not in projectors:
+            raise UsageError(
+                f"{option} {label}: no cell has that projector; present: {', '.join(projectors)}"
+            )
+    if len(args.chain) == 1:
+        raise UsageError("--chain needs at least two projector labels")
     metrics = metric_names(results, args.metrics)
     plot_ref = None
     if args.plot is not None:
@@ -813,6 +876,7 @@ def write_report(args: argparse.Namespace) -> None:
         baseline=args.baseline,
         plot=plot_ref,
         verdict=verdict,
+        chain=args.chain,
     )
     if args.out is None:
         print(text, end="")

@@ -15,6 +15,7 @@ from solo_fixtures import HOST_PROBLEM, method_cfg, requires_host
 
 from solo_deepfusion.bench import report as bench_report
 from solo_deepfusion.bench.report import (
+    chained_differences,
     confidence_interval,
     holm_adjust,
     load_results,
@@ -194,6 +195,39 @@ def test_metrics_never_measured_are_listed_not_tabled(tmp_path):
     assert "| online linear |" not in text
     assert "k-NN k=20: not measured in 1 of 2 runs" in text
     assert "not measured in any run (e.g. no validation, a set too small): online linear" in text
+
+
+def test_a_chain_pairs_each_head_with_the_one_before_and_adds_up(tmp_path):
+    accs = {"mlp": (0.50, 0.52), "mlp:bn": (0.51, 0.55), "tf": (0.55, 0.56), "tf:x": (0.6, 0.6)}
+    records = [
+        record("simclr", head, seed, {"online_linear_acc1": acc[seed]})
+        for head, acc in accs.items()
+        for seed in (0, 1)
+    ]
+    results = load_results([write_jsonl(tmp_path / "r.jsonl", records)])
+    links = chained_differences(results, ["online_linear_acc1"], ["mlp", "mlp:bn", "tf"])
+    assert [(p.key.projector, p.baseline.projector) for p in links] == [
+        ("mlp:bn", "mlp"),
+        ("tf", "mlp:bn"),
+    ]
+    steps = [[d for _, d in p.deltas["online_linear_acc1"]] for p in links]
+    assert steps == [pytest.approx([0.01, 0.03]), pytest.approx([0.04, 0.01])]
+    total = [a + b for a, b in zip(*steps, strict=True)]
+    assert total == pytest.approx([0.05, 0.04])  # = tf - mlp, seed by seed
+    assert all(set(p.p_holm) == {"online_linear_acc1"} for p in links)  # one family of two
+    text = render_markdown(
+        results, ["online_linear_acc1"], baseline="mlp:bn", chain=["mlp", "mlp:bn", "tf"]
+    )
+    assert "Δ: the paired difference to the `mlp:bn` head" in text
+    section = text.split("## Decomposition")[1].split("## Checks")[0]
+    assert "| simclr | `tf` | `mlp:bn` | +2.5 [" in section and "`tf:x`" not in section
+
+
+def test_cli_refuses_a_chain_of_unknown_or_single_labels(three_seeds, capsys):
+    assert bench_report.main([str(three_seeds), "--chain", "mlp", "nope"]) == 2
+    assert "--chain nope: no cell has that projector" in capsys.readouterr().err
+    assert bench_report.main([str(three_seeds), "--chain", "mlp"]) == 2
+    assert "--chain needs at least two" in capsys.readouterr().err
 
 
 def test_cli_writes_report_and_plot(three_seeds, tmp_path, capsys):
