@@ -309,7 +309,9 @@ def test_matches_naive_float64_reference(mask, norm, stability):
         rel = (out.double() - expected).norm() / expected.norm()
         assert rel < 1e-5
     for got, want in zip(maps, expected_maps, strict=True):
-        assert (got.double() - want).abs().max() < 1e-5
+        # float32 maps: cosine logits at scale 10 amplify the residual stream's rounding, up
+        # to 1.7e-5 on AMD EPYC's kernels (a wrong mask or scale is off by 1e-2 or more)
+        assert (got.double() - want).abs().max() < 5e-5
 
 
 @pytest.mark.parametrize("mask", MASKS)
