@@ -10,10 +10,14 @@ this measures one training step (forward + backward, median over ``--repeats`` a
 * ``mlp``: solo-learn's SimCLR projector ``Linear(512, 2048)-ReLU-Linear(2048, 256)``;
 * ``transformer[preset]``: ``build_projector("transformer", 512, 2048, 256, preset=...)`` with
   ``num_views=2`` and no attention maps (SDPA), and, for contrast, ``...+maps`` with
-  ``return_attention=True``, which materialises the ``(heads, T, T)`` maps of every layer.
+  ``return_attention=True``, which materialises the ``(heads, T, T)`` maps of every layer;
+* ``--heads``: any registered head, ``name`` or ``name:key=value,...`` (``residual_mlp``,
+  ``residual_mlp:depth=4``), built as ``build_projector(name, 512, 2048, 256, **fields)``. A head
+  whose forward takes ``num_views`` gets ``num_views=2``; a per-sample one runs on all ``T`` rows.
 
-The last column is what swapping the MLP for the transformer adds to a step of backbone + MLP
-head: ``(t_transformer - t_mlp) / (t_resnet + t_mlp)``.
+``x mlp`` is each row's step time over the ``mlp`` row's at the same ``T``, measured in the same
+run. The last column is what swapping the MLP for the head adds to a step of backbone + MLP
+head: ``(t_head - t_mlp) / (t_resnet + t_mlp)``.
 
 Memory is, on CUDA, ``torch.cuda.max_memory_allocated`` during the step minus what was allocated
 before it (parameters and inputs); on CPU it is the activation memory saved for backward: the
@@ -26,6 +30,7 @@ Usage::
     python scripts/bench_head.py                                  # CPU-sized defaults
     python scripts/bench_head.py --device cuda --dtype bfloat16 --json bench.json
     python scripts/bench_head.py --tokens 512 --presets paper --repeats 10 --skip-resnet
+    python scripts/bench_head.py --tokens 256 --presets stable_bn --heads residual_mlp --skip-resnet
 
 On CPU the ResNet step is run on at most ``--resnet-max-batch`` images (default 256; no limit on
 CUDA) and its time and memory are scaled linearly to ``T`` images; such rows are marked ``*``.
@@ -38,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import json
 import math
 import os
 import platform
@@ -46,6 +52,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision
@@ -60,8 +67,16 @@ from solo_deepfusion.heads import (
     count_flops,
     count_parameters,
     forward_flops,
+    list_projectors,
 )
-from solo_deepfusion.heads.cost import Forward, make_step, meta_copy, step_memory, time_step
+from solo_deepfusion.heads.cost import (
+    Forward,
+    make_step,
+    meta_copy,
+    step_memory,
+    takes_num_views,
+    time_step,
+)
 from solo_deepfusion.hub.backbones import build_resnet
 
 IN_DIM, HIDDEN_DIM, OUT_DIM, NUM_VIEWS = 512, 2048, 256, 2
@@ -82,14 +97,49 @@ class Row:
     mem_bytes: int
     ms_min: float | None = None
     pct: float | None = None
+    vs_mlp: float | None = None  # ms / the mlp row's ms at the same T
     images: int | None = None  # ResNet only: images per step
     scaled_from: int | None = None  # ResNet only: the images actually run, when scaled
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """A ``--heads`` entry: its text (the row's label), the registered head and its fields."""
+
+    label: str
+    name: str
+    fields: dict[str, Any]
+
+
+def head_spec(text: str) -> HeadSpec:
+    """``name`` or ``name:key=value,...``; a value is read as JSON where it parses (``4``,
+    ``0.1``, ``true``), else kept as text (``batch``)."""
+    name, _, rest = text.partition(":")
+    if name not in list_projectors():
+        raise argparse.ArgumentTypeError(f"unknown head {name!r}; choose from {list_projectors()}")
+    fields: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise argparse.ArgumentTypeError(f"{item!r} in {text!r}: expected key=value")
+        try:
+            fields[key] = json.loads(value)
+        except json.JSONDecodeError:
+            fields[key] = value
+    return HeadSpec(text, name, fields)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--tokens", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
     p.add_argument("--presets", nargs="+", default=["paper", "small"], choices=sorted(PRESETS))
+    p.add_argument(
+        "--heads",
+        nargs="+",
+        type=head_spec,
+        default=[],
+        help="registered heads to add, NAME or NAME:key=value,... (e.g. residual_mlp:depth=4)",
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--repeats", type=int, default=5)
@@ -206,10 +256,10 @@ def bench_resnet(
 
 
 def head_forward(head: nn.Module, x: torch.Tensor, maps: bool) -> Forward:
-    """The head's forward on ``x``: 2 views for the transformer, maps dropped after use."""
+    """The head's forward on ``x``: 2 views for a head that takes them, maps dropped after use."""
 
     def forward() -> torch.Tensor:
-        if not hasattr(head, "blocks"):
+        if not takes_num_views(head):
             return head(x)
         if maps:
             return head(x, num_views=NUM_VIEWS, return_attention=True)[0]
@@ -251,7 +301,8 @@ def bench_tokens(
     cache: dict[int, Row],
     started: float,
 ) -> list[Row]:
-    """Every row for one ``T``: resnet18, mlp, then each preset without and with maps."""
+    """Every row for one ``T``: resnet18, mlp, each preset without and with maps, then each of
+    ``--heads``."""
     torch.manual_seed(0)
     rows: list[Row] = []
 
@@ -270,9 +321,14 @@ def bench_tokens(
         if args.maps_max_tokens and tokens <= args.maps_max_tokens:
             add(bench_head(name, head, tokens, args, device, maps=True))
         del head
+    for spec in args.heads:
+        head = build_projector(spec.name, IN_DIM, HIDDEN_DIM, OUT_DIM, **spec.fields)
+        add(bench_head(spec.label, head, tokens, args, device))
+        del head
     for row in rows:
         if row is not resnet:
             row.pct = added_fraction(row, mlp, resnet)
+            row.vs_mlp = row.ms / mlp.ms
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows
@@ -327,6 +383,7 @@ def format_row(row: Row) -> str:
         f"{row.params / 1e6:.2f}",
         f"{row.fwd_flops / 1e9:.2f}",
         f"{row.ms:.1f}{star}",
+        "—" if row.vs_mlp is None else f"{row.vs_mlp:.2f}",
         f"{row.mem_bytes / MB:.1f}{star}",
         f"{row.mem_bytes / MB / row.tokens:.4f}",
         pct,
@@ -335,7 +392,8 @@ def format_row(row: Row) -> str:
 
 
 def table(rows: list[Row], args: argparse.Namespace, device: torch.device) -> str:
-    cols = ["T", "head", "params (M)", "fwd GFLOPs", "fwd+bwd ms", "saved/peak MB", "MB per token"]
+    cols = ["T", "head", "params (M)", "fwd GFLOPs", "fwd+bwd ms", "x mlp", "saved/peak MB"]
+    cols.append("MB per token")
     cols.append("% of ResNet-18 step")
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     lines += [format_row(r) for r in rows]
@@ -348,7 +406,8 @@ def footer(rows: list[Row], args: argparse.Namespace, device: torch.device) -> s
         images = "nothing (--skip-resnet)"
     notes = [
         f"T = tokens = 2 views x T/2 samples; resnet18 on {images}.",
-        "% of ResNet-18 step: transformer rows = (t_head - t_mlp) / (t_resnet18 + t_mlp), what "
+        "x mlp: fwd+bwd time over the mlp row's at the same T, in this run.",
+        "% of ResNet-18 step: head rows = (t_head - t_mlp) / (t_resnet18 + t_mlp), what "
         "replacing the MLP adds to a step; mlp row in brackets = t_mlp / t_resnet18.",
     ]
     if device.type == "cuda":

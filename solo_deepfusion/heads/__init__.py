@@ -13,6 +13,7 @@ from solo_deepfusion.heads.registry import (
     register_projector,
     transformer_config,
 )
+from solo_deepfusion.heads.residual_mlp import ResidualMLPProjector
 from solo_deepfusion.heads.transformer import (
     CONTEXTS,
     MASKS,
@@ -34,6 +35,7 @@ __all__ = [
     "MLPLayout",
     "MLPProjector",
     "ParamGroupRule",
+    "ResidualMLPProjector",
     "TransformerHeadConfig",
     "TransformerProjector",
     "attention_mask",

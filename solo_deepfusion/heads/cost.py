@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import time
 from collections.abc import Callable
 from typing import Any
@@ -35,17 +36,24 @@ def count_flops(fn: Callable[[], Any]) -> int:
     return fc.get_total_flops()
 
 
+def takes_num_views(module: nn.Module) -> bool:
+    """Whether ``module``'s forward declares ``num_views`` (a head that mixes the views); a
+    per-sample head (``mlp``, ``residual_mlp``) is called as ``head(x)``."""
+    return "num_views" in inspect.signature(module.forward).parameters
+
+
 def forward_flops(module: nn.Module, num_tokens: int, *, num_views: int = 1) -> int:
     """FLOPs (multiply-add = 2) of one forward pass of a head on ``num_tokens`` tokens.
 
-    Counted on a real forward in eval mode (:func:`count_flops`).
+    Counted on a real forward in eval mode (:func:`count_flops`); ``num_views`` is passed
+    only to a head that takes it (:func:`takes_num_views`).
     """
     in_dim = getattr(module, "in_dim", None)
     if in_dim is None:
         raise ValueError("module has no `in_dim` attribute: build it with build_projector")
     param = next(module.parameters())
     x = torch.randn(num_tokens, in_dim, device=param.device, dtype=param.dtype)
-    kwargs = {"num_views": num_views} if hasattr(module, "blocks") else {}
+    kwargs = {"num_views": num_views} if takes_num_views(module) else {}
     was_training = module.training
     module.eval()
     try:

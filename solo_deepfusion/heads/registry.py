@@ -5,6 +5,7 @@ Example::
     head = build_projector("transformer", 512, 2048, 256, preset="small", depth=6)
     mlp = build_projector("mlp", 512, 2048, 256, layout="byol")
     twin = build_projector("mlp_matched", 512, 2048, 256, preset="paper")  # same #params
+    trunk = build_projector("residual_mlp", 512, 2048, 256)  # the default's, no attention
 
 A head is a registration: a builder, a dataclass of the fields a recipe may set, and declared
 properties. The solo-learn integration derives ``--projector <name>``, the ``<method>_<name>``
@@ -48,6 +49,7 @@ from solo_deepfusion.heads.mlp import (
     MLPProjector,
     matched_hidden_dim,
 )
+from solo_deepfusion.heads.residual_mlp import ResidualMLPProjector
 from solo_deepfusion.heads.transformer import TransformerProjector
 from solo_deepfusion.validation import check_choice, check_int
 
@@ -133,13 +135,18 @@ DEFAULT_PRESET = "stable_bn"
 def transformer_config(preset: str = DEFAULT_PRESET, **overrides: Any) -> TransformerHeadConfig:
     """The ``preset`` with ``overrides`` applied; ``None`` values keep the preset's value."""
     check_choice("preset", preset, tuple(PRESETS))
-    fields = {f.name for f in dataclasses.fields(TransformerHeadConfig)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise ValueError(f"unknown transformer field(s) {unknown}; known fields: {sorted(fields)}")
+    check_known_fields("transformer", TransformerHeadConfig, overrides)
     return dataclasses.replace(
         PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}
     )
+
+
+def check_known_fields(head: str, config: type, given: Mapping[str, Any]) -> None:
+    """Raise a ``ValueError`` listing the fields of ``given`` that dataclass ``config`` lacks."""
+    fields = {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(set(given) - fields)
+    if unknown:
+        raise ValueError(f"unknown {head} field(s) {unknown}; known fields: {sorted(fields)}")
 
 
 def register_projector(
@@ -250,6 +257,19 @@ MLPMatchedFields = dataclasses.make_dataclass(
 
 
 @dataclass(frozen=True)
+class ResidualMLPFields:
+    """Every field of ``ResidualMLPProjector`` that a config may set; the defaults are the
+    default transformer's (``stable_bn``) trunk."""
+
+    dim: int = 256
+    depth: int = 10
+    ffn_dim: int = 1024
+    activation: str = "gelu"
+    dropout: float = 0.0
+    output_norm: str = "batch"
+
+
+@dataclass(frozen=True)
 class MLPFields:
     layout: str | None = None  # a solo-learn method's layout; None: the method being trained's
     output_norm: str = "none"
@@ -323,3 +343,18 @@ def mlp_matched(
         activation=activation,
         output_norm=fields.get("output_norm") or "none",
     )
+
+
+# Per sample, so called once per crop as `mlp` is. At a tenth of the lr, in the head group, as
+# the `mixing=none` control of the default whose trunk it is was trained (benchmarks/controls).
+@register_projector(
+    "residual_mlp", config=ResidualMLPFields, joint_context=False, optimizer={"lr_scale": 0.1}
+)
+def residual_mlp(
+    in_dim: int, hidden_dim: int, out_dim: int, *, tail: nn.Module | None = None, **fields: Any
+) -> ResidualMLPProjector:
+    """The default transformer's blocks without attention; ``hidden_dim`` is unused (the width
+    is ``dim``)."""
+    del hidden_dim
+    check_known_fields("residual_mlp", ResidualMLPFields, fields)
+    return ResidualMLPProjector(in_dim, out_dim, tail=tail, **fields)

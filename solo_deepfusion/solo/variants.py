@@ -125,11 +125,11 @@ def variant_name(method: str, projector: str, fields: Mapping[str, Any] | None =
 
 
 def base_method(name: str) -> str:
-    """The stock method a (possibly variant) METHODS key is built on."""
-    for projector in variant_heads():
-        if name.endswith(f"_{projector}"):
-            return name.removesuffix(f"_{projector}")
-    return name
+    """The stock method a (possibly variant) METHODS key is built on. The longest head name it
+    ends with is cut, whatever the registry's order: ``simclr_residual_mlp`` is SimCLR with
+    ``residual_mlp``, not ``simclr_residual`` with ``mlp``."""
+    heads = [projector for projector in variant_heads() if name.endswith(f"_{projector}")]
+    return name.removesuffix(f"_{max(heads, key=len)}") if heads else name
 
 
 def default_preset(method: str) -> str:

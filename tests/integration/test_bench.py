@@ -337,6 +337,8 @@ def test_projector_specs(bench):
     given = spec(bench, "transformer:lr_scale=1,preset=paper")
     assert given.under("vicreg") == given
     assert spec(bench, "mlp").under("simclr").label == "mlp"
+    trunk = spec(bench, "residual_mlp:depth=4").under("simclr")  # no preset to spell out
+    assert trunk.label == "residual_mlp:depth=4,lr_scale=0.1"
     for bad in ("mlp:preset=small", "transformer:size=3", "convnet", "transformer:depth"):
         with pytest.raises(bench.UsageError):
             spec(bench, bad)
@@ -546,6 +548,12 @@ def test_head_cost_counts_the_training_tokens(bench):
     view = bench.head_cost(model, model.cfg)
     assert view["head_context"] == "view"
     assert view["head_flops"] == 2 * forward_flops(model.projector.head, 8)
+
+    cfg = method_cfg("simclr_residual_mlp", batch_size=8, name="residual_mlp", depth=2)
+    model = build_model(cfg)
+    trunk = bench.head_cost(model, model.cfg)  # per sample: called once per crop
+    assert trunk["head_context"] == "view" and trunk["head_tokens"] == 16
+    assert trunk["head_flops"] == 2 * forward_flops(model.projector.head, 8)
 
 
 @requires_host

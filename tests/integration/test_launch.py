@@ -25,6 +25,7 @@ from solo.methods import METHODS
 
 from solo_deepfusion import datasets
 from solo_deepfusion.errors import UsageError
+from solo_deepfusion.heads import list_projectors
 from solo_deepfusion.solo import launch, run
 
 pytestmark = pytest.mark.host
@@ -136,6 +137,15 @@ def test_projector_transformer_alone_is_the_stable_bn_preset_at_a_tenth_of_the_l
     assert (twin.projector.preset, twin.projector.get("lr_scale")) == ("stable_bn", None)
 
 
+def test_projector_residual_mlp_is_the_default_trunk_at_a_tenth_of_the_lr():
+    argv = ["--config-name", "cifar10_quick", "--projector", "residual_mlp", "projector.depth=4"]
+    cfg = launch.pretrain_config(argv)
+    assert cfg.method == "simclr_residual_mlp"
+    pcfg = cfg.projector
+    assert (pcfg.lr_scale, pcfg.depth, pcfg.dim, pcfg.output_norm) == (0.1, 4, 256, "batch")
+    assert "preset" not in pcfg
+
+
 @pytest.mark.parametrize("argv", [[], ["--projector", "mlp"]])
 def test_mlp_or_no_projector_is_the_stock_method(argv):
     cfg = launch.pretrain_config(["--config-name", "cifar10_quick", *argv])
@@ -151,7 +161,7 @@ def test_unknown_projector_lists_the_choices(capsys):
     assert launch.pretrain(["--config-name", "cifar10_quick", "--projector", "mlpp"]) == 2
     err = capsys.readouterr().err
     assert "unknown projector 'mlpp'" in err
-    assert "mlp, mlp_matched, transformer" in err
+    assert ", ".join(list_projectors()) in err
 
 
 @pytest.mark.parametrize(

@@ -16,10 +16,11 @@ from solo.methods import METHODS
 from solo.methods.base import BaseMomentumMethod
 from torch import nn
 
-from solo_deepfusion.heads import MLPProjector, TransformerProjector
-from solo_deepfusion.solo import HEAD_METHODS, projectors, register, variant_name
+from solo_deepfusion.heads import MLPProjector, ResidualMLPProjector, TransformerProjector
+from solo_deepfusion.solo import HEAD_METHODS, base_method, projectors, register, variant_name
 from solo_deepfusion.solo.context import ContextProjector
 from solo_deepfusion.solo.model import build_model
+from solo_deepfusion.solo.param_groups import HEAD_GROUP
 from solo_deepfusion.solo.variants import method_tail
 
 SMALL = {"name": "transformer", "preset": "small", "depth": 2, "dim": 32, "heads": 4}
@@ -70,6 +71,21 @@ def test_every_variant_trains_two_steps(method, context):
 def test_mlp_matched_variant_trains(method):
     model = build_model(method_cfg(variant_name(method, "mlp_matched"), name="mlp_matched"))
     assert isinstance(head_of(model).head, MLPProjector)
+    probe = GradientProbe()
+    fit(model, callbacks=[probe])
+    assert probe.missing == [[], []]
+
+
+@pytest.mark.parametrize("method", ["simclr", "byol"])
+def test_residual_mlp_variant_trains_per_crop(method):
+    name = variant_name(method, "residual_mlp")
+    assert name == f"{method}_residual_mlp" and base_method(name) == method
+    cfg = method_cfg(name, name="residual_mlp", dim=32, depth=2, ffn_dim=64)
+    model = build_model(cfg)
+    head = head_of(model)
+    assert isinstance(head.head, ResidualMLPProjector) and not head.joint
+    (group,) = [g for g in model.learnable_params if g.get("name") == HEAD_GROUP]
+    assert group["lr"] == pytest.approx(0.1 * model.lr)  # the registered default
     probe = GradientProbe()
     fit(model, callbacks=[probe])
     assert probe.missing == [[], []]

@@ -18,6 +18,7 @@ from solo.utils.misc import omegaconf_select
 from solo_deepfusion.bench.records import finished_cells
 from solo_deepfusion.datasets import prepare_data
 from solo_deepfusion.errors import UsageError, exit_status
+from solo_deepfusion.heads import list_projectors
 from solo_deepfusion.solo import base_method
 from solo_deepfusion.solo.analysis import DATA_ENV, EVAL_BATCH_SIZES
 from solo_deepfusion.solo.bench.grid import (
@@ -78,7 +79,7 @@ def parser() -> argparse.ArgumentParser:
         "--projectors",
         nargs="+",
         default=["mlp", "transformer"],
-        help="mlp, mlp_matched, transformer, or NAME:key=value,... (e.g. transformer:mask=self)",
+        help=f"{', '.join(list_projectors())}, or NAME:key=value,... (e.g. transformer:mask=self)",
     )
     add("--seeds", nargs="+", type=int, default=[0])
     g = p.add_argument_group("ablation axes (each a grid dimension)")
