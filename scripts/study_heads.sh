@@ -9,11 +9,15 @@
 #   scripts/study_heads.sh controls [ARM ...]       the default's fair controls at the confirm
 #                                                  budget, 6 seeds, paired with the confirm's
 #                                                  own mlp and default cells (copied in once)
+#   scripts/study_heads.sh regimes ARM ...          head regimes from the regime search, the same
+#                                                  way (benchmarks/regimes/confirm)
 #   scripts/study_heads.sh report PHASE             benchmarks/PHASE/report.md and report.png
 #                                                  (benchmarks/PHASE/verdict.md on top, if there);
 #                                                  for controls also the decomposition mlp ->
 #                                                  mlp:output_norm=batch -> mixing=none -> mean
-#                                                  -> the default, and report-vs-default.md
+#                                                  -> the default; for controls, regimes/confirm
+#                                                  and byol report-vs-default.md, each arm's Δ to
+#                                                  the default (regimes/confirm: with the controls)
 #
 # ARM is a bench projector spec (`transformer:norm=pre,qk_norm=true`); `mlp` is always added.
 # Every phase appends to benchmarks/<phase>/results.jsonl and resumes: finished cells are never
@@ -29,7 +33,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 bench=(nice -n 19 "${SOLO_DEEPFUSION_BIN:-.venv/bin/solo-deepfusion}")
-phase="${1:?phase: screen | confirm | controls | horizon | byol | vicreg | report}"
+phase="${1:?phase: screen | confirm | controls | regimes | horizon | byol | vicreg | report}"
 [ "$phase" = report ] || : "${SOLO_DEEPFUSION_DATA:?set SOLO_DEEPFUSION_DATA to the CIFAR-10 folder}"
 shift
 work="${SOLO_DEEPFUSION_STUDY_WORK:-benchmarks/scratch}"
@@ -62,6 +66,16 @@ control_arms=(
   transformer:lr_scale=0.1,mask=positives,mixing=mean,norm=pre,output_norm=batch,preset=paper
 )
 seeds() { read -ra chosen <<<"${STUDY_SEEDS:-$*}"; echo --seeds "${chosen[@]}"; }
+# Copy the confirm's mlp and default cells into results file $1 (once): the same cells, reused.
+reuse_confirm() {
+  [ -s "$1" ] && return
+  mkdir -p "$(dirname "$1")"
+  grep -F -e '"projector": "mlp"' -e "\"projector\": \"$default_arm\"" \
+    benchmarks/confirm/results.jsonl | grep -F '"status": "ok"' >"$1.tmp"
+  mv "$1.tmp" "$1"
+}
+
+main() {
 
 case "$phase" in
   screen)
@@ -74,14 +88,11 @@ case "$phase" in
     "${bench[@]}" bench "${common[@]}" "${confirm[@]}" --methods simclr \
       --projectors mlp "$@" $(seeds 0 1 2 3 4 5) --results benchmarks/confirm/results.jsonl
     ;;
-  controls)
+  controls | regimes)
     results=benchmarks/controls/results.jsonl
-    if [ ! -s "$results" ]; then  # the confirm's mlp and default cells: the same cells, reused
-      mkdir -p "$(dirname "$results")"
-      grep -F -e '"projector": "mlp"' -e "\"projector\": \"$default_arm\"" \
-        benchmarks/confirm/results.jsonl | grep -F '"status": "ok"' >"$results.tmp"
-      mv "$results.tmp" "$results"
-    fi
+    [ "$phase" = regimes ] && results=benchmarks/regimes/confirm/results.jsonl
+    [ "$phase" = regimes ] && (($# == 0)) && { echo "regimes: name the arms" >&2; exit 2; }
+    reuse_confirm "$results"
     arms=("${@:-${control_arms[@]}}")
     "${bench[@]}" bench "${common[@]}" "${confirm[@]}" --methods simclr \
       --projectors mlp "$default_arm" "${arms[@]}" $(seeds 0 1 2 3 4 5) --results "$results"
@@ -101,15 +112,23 @@ case "$phase" in
     dir="benchmarks/${1:?report: name the phase}"
     verdict=()  # the written conclusion, benchmarks/<phase>/verdict.md, goes under the title
     [ -f "$dir/verdict.md" ] && verdict=(--verdict "$dir/verdict.md")
-    "${bench[@]}" bench-report "$dir/results.jsonl" --out "$dir/report.md" --plot "$dir/report.png" \
+    inputs=("$dir/results.jsonl")  # the regimes' own cells, next to the controls'
+    [ "$1" = regimes/confirm ] && inputs+=(benchmarks/controls/results.jsonl)
+    "${bench[@]}" bench-report "${inputs[@]}" --out "$dir/report.md" --plot "$dir/report.png" \
       "${verdict[@]}" $([ "$1" = controls ] && echo --chain mlp "${control_arms[@]}" "$default_arm")
-    if [ "$1" = controls ]; then  # every arm's Δ to the default too
-      "${bench[@]}" bench-report "$dir/results.jsonl" --baseline "$default_arm" \
-        --out "$dir/report-vs-default.md"
-    fi
+    case "$1" in  # every arm's Δ to the default too
+      controls | regimes/confirm | byol)
+        "${bench[@]}" bench-report "${inputs[@]}" --baseline "$default_arm" \
+          --out "$dir/report-vs-default.md"
+        ;;
+    esac
     ;;
   *)
-    echo "unknown phase $phase: screen | confirm | controls | horizon | byol | vicreg | report" >&2
+    echo "unknown phase $phase: screen | confirm | controls | regimes | horizon | byol | vicreg | report" >&2
     exit 2
     ;;
 esac
+}
+# One line, parsed whole before it runs: a copy of this file edited while a study runs cannot
+# make the running shell read on into the new text.
+main "$@"; exit $?
