@@ -47,9 +47,11 @@ from solo_deepfusion.atomic import write_text
 from solo_deepfusion.datasets import prepare_data
 from solo_deepfusion.fusion import fusion_stats, leave_one_out_1nn_accuracy
 from solo_deepfusion.heads.diagnostics import collapse_stats
+from solo_deepfusion.hub.manifest import get_entry
 from solo_deepfusion.jsonl import append_jsonl
 from solo_deepfusion.solo.bench.grid import ProjectorSpec
 from solo_deepfusion.solo.measure import evaluating, fusion_head, head_tail
+from solo_deepfusion.solo.zoo import load_model
 
 RECIPE = "simclr"
 DEFAULT = "transformer:lr_scale=0.1,preset=stable_bn"  # the default head, spelled out
@@ -247,21 +249,63 @@ class Trajectory(pl.Callback):
             )
 
 
+def held_out_batches(
+    feats: torch.Tensor, labels: torch.Tensor, per_class: int, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(training indices, held-out features (batches, 2, B, F), their labels (batches, B))``."""
+    train_idx, held_idx = class_split(labels, per_class)
+    batches = len(held_idx) // batch_size
+    held = held_idx[: batches * batch_size].view(batches, batch_size)
+    return train_idx, feats[:, held].transpose(0, 1), labels[held]
+
+
+def feature_baselines(held_feats: torch.Tensor, held_labels: torch.Tensor) -> dict:
+    """What the backbone's features alone give on the held-out batches: their 1-NN accuracy
+    within a batch (first crop), and the fusion ratio of a kernel over them
+    (:func:`kernel_fusion`)."""
+    nn_accuracy = [
+        leave_one_out_1nn_accuracy(f[0], y, None)
+        for f, y in zip(held_feats, held_labels, strict=True)
+    ]
+    return {
+        "features_nn_accuracy": sum(nn_accuracy) / len(nn_accuracy),
+        "features_kernel_fusion": kernel_fusion(held_feats, held_labels, (10, 30, 100)),
+    }
+
+
+def trained_row(entry: str, feats: torch.Tensor, labels: torch.Tensor, args) -> dict:
+    """Zoo entry ``entry``'s own head, trained end to end with its backbone (whose features
+    ``feats`` are), measured on the held-out batches as an arm is after training."""
+    model = load_model(entry, progress=False)
+    model.backbone = torch.nn.Identity()  # features in
+    _, held_feats, held_labels = held_out_batches(
+        feats, labels, args.held_out_per_class, args.batch_size
+    )
+    return {
+        "arm": f"zoo:{entry}",
+        "backbone": entry,
+        "spec": ",".join(f"{k}={v}" for k, v in sorted(get_entry(entry).projector.items())),
+        "recipe_overrides": [],
+        "steps": 0,
+        "batch_size": args.batch_size,
+        "temperature": model.temperature,
+        "held_out_batches": len(held_feats),
+        **feature_baselines(held_feats, held_labels),
+        **measure(model, held_feats, held_labels),
+        "class_bias_loss": class_bias_losses(model, held_feats, held_labels),
+    }
+
+
 def train_arm(name: str, feats: torch.Tensor, labels: torch.Tensor, args, scratch: Path) -> dict:
     """Fit arm ``name``'s head alone and measure it on the held-out batches, before and after."""
     arm = ARMS[name]
     cfg, model = head_model(RECIPE, arm.spec, scratch, arm.recipe)
     batch_size = cfg.optimizer.batch_size
-    train_idx, held_idx = class_split(labels, args.held_out_per_class)
-    batches = len(held_idx) // batch_size
-    held = held_idx[: batches * batch_size].view(batches, batch_size)
-    held_feats = feats[:, held].transpose(0, 1)  # (batches, 2, B, F)
-    held_labels = labels[held]
+    train_idx, held_feats, held_labels = held_out_batches(
+        feats, labels, args.held_out_per_class, batch_size
+    )
+    batches = len(held_feats)
     before = measure(model, held_feats, held_labels)
-    features_nn = [
-        leave_one_out_1nn_accuracy(f[0], y, None)
-        for f, y in zip(held_feats, held_labels, strict=True)
-    ]
     trajectory = Trajectory(max(args.steps // 8, 1), held_feats, held_labels)
     began = time.monotonic()
     diverged_at = fit_head(model, feats[:, train_idx], args.steps, batch_size, [trajectory])
@@ -283,8 +327,7 @@ def train_arm(name: str, feats: torch.Tensor, labels: torch.Tensor, args, scratc
         "batch_size": batch_size,
         "temperature": cfg.method_kwargs.temperature,
         "held_out_batches": batches,
-        "features_nn_accuracy": sum(features_nn) / batches,
-        "features_kernel_fusion": kernel_fusion(held_feats, held_labels, (10, 30, 100)),
+        **feature_baselines(held_feats, held_labels),
         "before": before,
         **after,
         "trajectory": trajectory.points,
@@ -318,10 +361,19 @@ def table_row(r: dict) -> str:
     return (
         f"| `{r['arm']}` | {_layers(r['fusion_ratio'])} | {_layers(r['positive_mass'])} "
         f"| {_layers(r['entropy'])} | {_layers(r['logit_std'])} "
-        f"| {r['before']['fusion_ratio'][-1]:.2f}→{r['fusion_ratio'][-1]:.2f} "
+        f"| {_before(r)}→{r['fusion_ratio'][-1]:.2f} "
         f"| {r['output_cosine']:.2f} · {r['output_rank']:.0f} | {r['nn_accuracy']:.3f} "
-        f"| {_class_bias(r)} | {r['seconds'] / 60:.0f} | {'✔' if reached(r) else '✘'} |"
+        f"| {_class_bias(r)} | {_minutes(r)} | {'✔' if reached(r) else '✘'} |"
     )
+
+
+def _minutes(r: dict) -> str:
+    return f"{r['seconds'] / 60:.0f}" if "seconds" in r else "–"
+
+
+def _before(r: dict) -> str:
+    """The last layer's fusion ratio before training (none for a zoo entry's trained head)."""
+    return f"{r['before']['fusion_ratio'][-1]:.2f}" if "before" in r else "–"
 
 
 def _class_bias(r: dict) -> str:
@@ -336,8 +388,9 @@ def _class_bias(r: dict) -> str:
 def write_report(out: Path, rows: list[dict], steps: int) -> str:
     """``<out>/report.md`` from the rows at ``steps``, under ``<out>/verdict.md`` if there."""
     verdict = out / "verdict.md"
-    text = report(
-        [r for r in rows if r["steps"] == steps], verdict.read_text() if verdict.is_file() else ""
+    text = report(  # steps 0: zoo entries' own trained heads (--trained)
+        [r for r in rows if r["steps"] in (steps, 0)],
+        verdict.read_text() if verdict.is_file() else "",
     )
     write_text(out / "report.md", text)
     return text
@@ -361,6 +414,8 @@ def report(rows: list[dict], verdict: str = "") -> str:
     newest = {r["arm"]: r for r in rows}
     backbone = rows[0].get("backbone", FEATURES_BACKBONE) if rows else FEATURES_BACKBONE
     option = "" if backbone == FEATURES_BACKBONE else f" --backbone {backbone}"
+    if any(r["steps"] == 0 for r in rows):
+        option = f" --trained {backbone}"
     order = [a for a in ARMS if a in newest] + [a for a in newest if a not in ARMS]
     lines = [
         "# Regime search: does the head's attention learn? (head only, SimCLR, CIFAR-10)",
@@ -392,6 +447,12 @@ def report(rows: list[dict], verdict: str = "") -> str:
     for name in order:
         r = newest[name]
         extra = f"; {', '.join(r['recipe_overrides'])}" if r["recipe_overrides"] else ""
+        if r["steps"] == 0:
+            lines.append(
+                f"- `{name}`: the entry's own head ({r['spec']}), trained end to end with its "
+                f"backbone (batch {r['batch_size']}, temperature {r['temperature']:g})"
+            )
+            continue
         lines.append(
             f"- `{name}`: `{r['spec']}`{extra}; {r['steps']} steps at the recipe's lr {r['lr']:g} "
             "(the head's: x `lr_scale`) "
@@ -414,6 +475,13 @@ def main() -> None:
         default=FEATURES_BACKBONE,
         help=f"the zoo entry whose backbone makes the features (default {FEATURES_BACKBONE})",
     )
+    parser.add_argument(
+        "--trained",
+        metavar="ENTRY",
+        help="measure this zoo entry's own end-to-end-trained head (on features of its own "
+        "backbone; implies --backbone ENTRY) instead of training arms",
+    )
+    parser.add_argument("--batch-size", type=int, default=256, help="with --trained")
     parser.add_argument("--redo", action="store_true", help="train finished arms again")
     parser.add_argument(
         "--out", type=Path, help="default benchmarks/regimes, /<backbone> for another backbone"
@@ -426,6 +494,8 @@ def main() -> None:
     args = parser.parse_args()
     if not args.data and not args.report_only:
         parser.error("--data (or SOLO_DEEPFUSION_DATA): the CIFAR-10 folder")
+    if args.trained:
+        args.backbone = args.trained
     if args.out is None:
         args.out = Path("benchmarks/regimes")
         if args.backbone != FEATURES_BACKBONE:
@@ -444,8 +514,12 @@ def main() -> None:
         scratch.mkdir(exist_ok=True)
         feats = cached_features(Path(args.data), args.work, args.per_class, args.backbone)
         labels = feature_labels(Path(args.data), args.work, args.per_class)
+        if args.trained:
+            row = trained_row(args.trained, feats, labels, args)
+            append_jsonl(results, row)
+            rows.append(row)
         done = set() if args.redo else {(r["arm"], r["steps"]) for r in rows}
-        for name in args.arms:
+        for name in [] if args.trained else args.arms:
             if (name, args.steps) in done:
                 continue
             row = train_arm(name, feats, labels, args, scratch)

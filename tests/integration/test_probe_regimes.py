@@ -83,3 +83,27 @@ def test_class_bias_moves_the_loss_only_through_same_class_keys(probe, tmp_path)
     assert probe.fusion_head(model).blocks[0].attn._scores.__func__  # the class's own, restored
     _, mean = probe.head_model("simclr", probe.ARMS["mean"].spec, tmp_path)
     assert probe.class_bias_losses(mean, feats, labels) is None
+
+
+def test_a_trained_row_reports_without_training_columns(probe):
+    row = {
+        "arm": "zoo:x",
+        "spec": "name=transformer",
+        "recipe_overrides": [],
+        "steps": 0,
+        "batch_size": 256,
+        "temperature": 0.2,
+        "features_nn_accuracy": 0.5,
+        "fusion_ratio": [1.2, 1.0],
+        "positive_mass": [0.0, 0.0],
+        "entropy": [5.0, 5.0],
+        "logit_std": [0.3, 0.2],
+        "output_cosine": 0.1,
+        "output_rank": 60.0,
+        "nn_accuracy": 0.4,
+        "class_bias_loss": {"class": [0.0, 0.0, 0.03, 0.1], "random": [0.0, 0.0, -0.01, 0.0]},
+    }
+    line = probe.table_row(row)
+    assert "| –→1.00 |" in line and "| +0.030 / -0.010 | – | ✘ |" in line
+    text = probe.report([row])
+    assert "trained end to end" in text and "--trained" in text
