@@ -1,18 +1,22 @@
 """Which head regime makes the attention learn? Head-only, on a trained backbone's features.
 
-Each arm trains a Deep Fusion head alone, as scripts/bench_stability.py does: SimCLR's own
-``training_step`` (its NT-Xent loss) and optimizer (LARS, the head in its own group) at the
-recipe's peak lr, on cached features of two augmented crops of CIFAR-10 training images by the
-zoo's ``simclr-r18-cifar10-cpu``. Then, on held-out images (the same class-balanced batches for
-every arm), it measures per layer the fusion ratio (same-class attention mass over what uniform
-attention gives, a query's own views left out; solo_deepfusion/fusion/metrics.py), the mass on
-the positive (the query's own other view) apart from it, the row entropy and the logit spread;
-and the outputs' mean cosine, effective rank and leave-one-out 1-NN accuracy within a batch.
+Each arm trains a Deep Fusion head alone, as scripts/bench_stability.py does: the stock recipe's
+own ``training_step`` (SimCLR's NT-Xent loss by default; ``--recipe byol``: BYOL's, with its
+predictor and momentum head) and optimizer (LARS, the head in its own group) at the recipe's
+peak lr, on cached features of two augmented crops of CIFAR-10 training images by the zoo's
+``simclr-r18-cifar10-cpu`` (``--backbone``: another entry's). Then, on held-out images (the
+same class-balanced batches for every arm), it measures per layer the fusion ratio (same-class
+attention mass over what uniform attention gives, a query's own views left out;
+solo_deepfusion/fusion/metrics.py), the mass on the positive (the query's own other view) apart
+from it, the row entropy and the logit spread; the outputs' mean cosine, effective rank and
+leave-one-out 1-NN accuracy within a batch; and how the method's loss changes when every
+layer's attention is pushed towards the query's class (:func:`class_bias_losses`).
 
     python scripts/probe_regimes.py --data <cifar10 folder>               # every arm
     python scripts/probe_regimes.py --data <cifar10 folder> --arms cosine tied
     python scripts/probe_regimes.py --data <cifar10 folder> --dry-run     # 2 steps, 1 arm
     python scripts/probe_regimes.py --report-only                         # the table, again
+    python scripts/probe_regimes.py --data <cifar10 folder> --trained <zoo entry>  # its own head
 
 Rows go to ``<out>/results.jsonl`` as arms finish (a rerun skips finished arms at the same
 steps; ``--redo`` trains them again, and the newest row is reported), the table to
@@ -24,9 +28,12 @@ and no output collapse (mean output cosine below 0.5).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,20 +47,21 @@ from bench_stability import (
     fit_head,
     head_model,
 )
-from solo.losses.simclr import simclr_loss_func
+from torch import nn
 from torchvision.datasets import ImageFolder
 
 from solo_deepfusion.atomic import write_text
 from solo_deepfusion.datasets import prepare_data
 from solo_deepfusion.fusion import fusion_stats, leave_one_out_1nn_accuracy
 from solo_deepfusion.heads.diagnostics import collapse_stats
+from solo_deepfusion.heads.transformer import BatchSelfAttention
 from solo_deepfusion.hub.manifest import get_entry
 from solo_deepfusion.jsonl import append_jsonl
 from solo_deepfusion.solo.bench.grid import ProjectorSpec
 from solo_deepfusion.solo.measure import evaluating, fusion_head, head_tail
 from solo_deepfusion.solo.zoo import load_model
 
-RECIPE = "simclr"
+RECIPES = ("simclr", "byol")  # a loss with negatives, and one without
 DEFAULT = "transformer:lr_scale=0.1,preset=stable_bn"  # the default head, spelled out
 EARLIEST = "residual=false,block_norm=batch,activation=relu,heads=4,norm=post"
 T002 = "method_kwargs.temperature=0.02"
@@ -153,14 +161,51 @@ def measure(model: pl.LightningModule, feats: torch.Tensor, labels: torch.Tensor
 CLASS_BIASES = (0.25, 0.5, 1.0, 2.0)
 
 
-def _grouped_scores(attn: torch.nn.Module, groups: torch.Tensor, views: int, beta: float):
+def _grouped_scores(attn: BatchSelfAttention, groups: torch.Tensor, beta: float):
     """``attn``'s own score function plus ``beta`` where query and key share a group but are
-    not views of one sample (view-major tokens, ``groups`` per sample)."""
+    not views of one sample; ``groups`` per sample, tokens view-major (as many views as the
+    call's tokens hold)."""
     scores = type(attn)._scores.__get__(attn)
-    sample = torch.arange(len(groups)).repeat(views)
-    tokens = groups.repeat(views)
-    same = (tokens[:, None] == tokens[None, :]) & (sample[:, None] != sample[None, :])
-    return lambda q, k, allowed: scores(q, k, allowed) + beta * same.to(q.dtype)
+
+    def biased(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+        views = q.shape[-2] // len(groups)
+        sample = torch.arange(len(groups)).repeat(views)
+        tokens = groups.repeat(views)
+        same = (tokens[:, None] == tokens[None, :]) & (sample[:, None] != sample[None, :])
+        return scores(q, k, allowed) + beta * same.to(q.dtype)
+
+    return biased
+
+
+@contextmanager
+def class_bias(model: nn.Module, groups: torch.Tensor | None, beta: float) -> Iterator[None]:
+    """Every attention module of ``model`` (a momentum copy's too) with ``beta`` added to its
+    logits where query and key share a group (:func:`_grouped_scores`); nothing if ``None``."""
+    modules = [m for m in model.modules() if isinstance(m, BatchSelfAttention)]
+    if groups is not None:
+        for attn in modules:  # the explicit softmax, where the scores can be changed
+            attn._scores = _grouped_scores(attn, groups, beta)
+            attn.forward = functools.partial(_with_weights, attn)
+    try:
+        yield
+    finally:
+        for attn in modules:
+            attn.__dict__.pop("_scores", None)
+            attn.__dict__.pop("forward", None)
+
+
+def _with_weights(attn: BatchSelfAttention, x, allowed, need_weights):
+    return type(attn).forward(attn, x, allowed, True)
+
+
+@contextmanager
+def _not_logging(model: pl.LightningModule) -> Iterator[None]:
+    """``training_step`` called outside a fit: its ``self.log`` calls do nothing."""
+    model.log = model.log_dict = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        del model.log, model.log_dict
 
 
 def class_bias_losses(
@@ -169,42 +214,32 @@ def class_bias_losses(
     labels: torch.Tensor,
     betas: tuple[float, ...] = CLASS_BIASES,
 ) -> dict[str, list[float]] | None:
-    """Does the loss reward attention that prefers the query's class? SimCLR's loss on the
-    held-out batches ``feats`` ``(batches, 2, B, F)`` (eval mode) when every layer's logits get
-    ``+beta`` on the keys of the query's class (its own sample's views aside), minus the loss
-    without, per ``beta``; and the same for random groups of the classes' sizes (any block
-    structure, no class meaning). Positive: the objective penalises that preference. ``None``
-    for a fixed mixing."""
+    """Does the loss reward attention that prefers the query's class? The method's own loss
+    (its ``training_step``, eval mode) on the held-out batches ``feats`` ``(batches, 2, B, F)``
+    when every layer's logits get ``+beta`` on the keys of the query's class (its own sample's
+    views aside), minus the loss without, per ``beta``; and the same for random groups of the
+    classes' sizes (any block structure, no class meaning). Positive: the objective penalises
+    that preference. ``None`` for a fixed mixing."""
     head = fusion_head(model)
     if any(block.attn.mixing != "attention" for block in head.blocks):
         return None
-    views = 2 if head.context == "joint" else 1
     shuffle = torch.Generator().manual_seed(0)
 
-    def loss(batch: torch.Tensor, groups: torch.Tensor | None, beta: float) -> float:
-        for block in head.blocks:
-            if groups is not None:
-                block.attn._scores = _grouped_scores(block.attn, groups, views, beta)
-        try:
-            chunks = [torch.cat(list(batch))] if views == 2 else list(batch)
-            z = torch.cat([head(c, num_views=views, return_attention=True)[0] for c in chunks])
-        finally:
-            for block in head.blocks:
-                block.attn.__dict__.pop("_scores", None)
-        z = head_tail(model)(z)
-        indexes = torch.arange(batch.shape[1]).repeat(2)
-        return simclr_loss_func(z, indexes, model.temperature).item()
+    def loss(batch: torch.Tensor, targets: torch.Tensor, groups, beta: float) -> float:
+        with class_bias(model, groups, beta), _not_logging(model):
+            indexes = torch.arange(batch.shape[1])
+            return float(model.training_step([indexes, list(batch), targets], 0))
 
     deltas: dict[str, list[list[float]]] = {"class": [], "random": []}
     with evaluating(model):
         for batch, batch_labels in zip(feats, labels, strict=True):
-            base = loss(batch, None, 0.0)
+            base = loss(batch, batch_labels, None, 0.0)
             groups = {
                 "class": batch_labels,
                 "random": batch_labels[torch.randperm(len(batch_labels), generator=shuffle)],
             }
             for kind, g in groups.items():
-                deltas[kind].append([loss(batch, g, beta) - base for beta in betas])
+                deltas[kind].append([loss(batch, batch_labels, g, b) - base for b in betas])
     return {kind: _mean(rows) for kind, rows in deltas.items()}
 
 
@@ -288,7 +323,7 @@ def trained_row(entry: str, feats: torch.Tensor, labels: torch.Tensor, args) -> 
         "recipe_overrides": [],
         "steps": 0,
         "batch_size": args.batch_size,
-        "temperature": model.temperature,
+        "temperature": getattr(model, "temperature", None),
         "held_out_batches": len(held_feats),
         **feature_baselines(held_feats, held_labels),
         **measure(model, held_feats, held_labels),
@@ -299,7 +334,7 @@ def trained_row(entry: str, feats: torch.Tensor, labels: torch.Tensor, args) -> 
 def train_arm(name: str, feats: torch.Tensor, labels: torch.Tensor, args, scratch: Path) -> dict:
     """Fit arm ``name``'s head alone and measure it on the held-out batches, before and after."""
     arm = ARMS[name]
-    cfg, model = head_model(RECIPE, arm.spec, scratch, arm.recipe)
+    cfg, model = head_model(args.recipe, arm.spec, scratch, arm.recipe)
     batch_size = cfg.optimizer.batch_size
     train_idx, held_feats, held_labels = held_out_batches(
         feats, labels, args.held_out_per_class, batch_size
@@ -320,12 +355,13 @@ def train_arm(name: str, feats: torch.Tensor, labels: torch.Tensor, args, scratc
     return {
         "arm": name,
         "backbone": args.backbone,
+        "recipe": args.recipe,
         "spec": ProjectorSpec.parse(arm.spec).label,
         "recipe_overrides": list(arm.recipe),
         "steps": args.steps,
         "lr": cfg.optimizer.lr,
         "batch_size": batch_size,
-        "temperature": cfg.method_kwargs.temperature,
+        "temperature": cfg.method_kwargs.get("temperature"),  # BYOL has none
         "held_out_batches": batches,
         **feature_baselines(held_feats, held_labels),
         "before": before,
@@ -413,12 +449,15 @@ def report(rows: list[dict], verdict: str = "") -> str:
     """One line per arm (newest row), in :data:`ARMS` order."""
     newest = {r["arm"]: r for r in rows}
     backbone = rows[0].get("backbone", FEATURES_BACKBONE) if rows else FEATURES_BACKBONE
+    recipe = rows[0].get("recipe", "simclr") if rows else "simclr"
     option = "" if backbone == FEATURES_BACKBONE else f" --backbone {backbone}"
     if any(r["steps"] == 0 for r in rows):
         option = f" --trained {backbone}"
+    option += "" if recipe == "simclr" else f" --recipe {recipe}"
+    method = {"simclr": "SimCLR", "byol": "BYOL"}.get(recipe, recipe)
     order = [a for a in ARMS if a in newest] + [a for a in newest if a not in ARMS]
     lines = [
-        "# Regime search: does the head's attention learn? (head only, SimCLR, CIFAR-10)",
+        f"# Regime search: does the head's attention learn? (head only, {method}, CIFAR-10)",
         "",
         *([verdict.strip(), ""] if verdict.strip() else []),
         f"Features of the zoo's `{backbone}` backbone. "
@@ -430,7 +469,7 @@ def report(rows: list[dict], verdict: str = "") -> str:
         "training, the outputs' mean cosine and effective rank, the leave-one-out 1-NN "
         "accuracy of the outputs within a batch (first crop; the backbone's features give "
         f"{rows[0]['features_nn_accuracy'] if rows else float('nan'):.3f}); the change of "
-        "SimCLR's loss on those batches when every layer's logits get +1 on the query's "
+        f"{method}'s loss on those batches when every layer's logits get +1 on the query's "
         "class (own views aside), and +1 on random groups of the same sizes instead "
         "(positive: the loss penalises that preference; – for a fixed mixing); and ✔ where the "
         "issue's target is met "
@@ -450,21 +489,28 @@ def report(rows: list[dict], verdict: str = "") -> str:
         if r["steps"] == 0:
             lines.append(
                 f"- `{name}`: the entry's own head ({r['spec']}), trained end to end with its "
-                f"backbone (batch {r['batch_size']}, temperature {r['temperature']:g})"
+                f"backbone (batch {r['batch_size']}{_temperature(r)})"
             )
             continue
         lines.append(
             f"- `{name}`: `{r['spec']}`{extra}; {r['steps']} steps at the recipe's lr {r['lr']:g} "
             "(the head's: x `lr_scale`) "
-            f"(batch {r['batch_size']}, temperature {r['temperature']:g})"
+            f"(batch {r['batch_size']}{_temperature(r)})"
         )
     return "\n".join(lines) + "\n"
+
+
+def _temperature(r: dict) -> str:
+    return "" if r["temperature"] is None else f", temperature {r['temperature']:g}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=os.environ.get("SOLO_DEEPFUSION_DATA"))
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument(
+        "--recipe", default="simclr", choices=RECIPES, help="whose loss and optimizer"
+    )
     parser.add_argument(
         "--steps", type=int, help="default 1000; with --report-only, the newest row's"
     )
@@ -500,6 +546,8 @@ def main() -> None:
         args.out = Path("benchmarks/regimes")
         if args.backbone != FEATURES_BACKBONE:
             args.out /= args.backbone
+        if args.recipe != "simclr":
+            args.out /= args.recipe
     if args.dry_run:
         args.arms, args.steps, args.out = args.arms[:1], 2, args.work / "dry-run"
     results = args.out / "results.jsonl"
