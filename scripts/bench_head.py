@@ -6,8 +6,10 @@ this measures one training step (forward + backward, median over ``--repeats`` a
 
 * ``resnet18``: a torchvision ResNet-18 on ``T`` images (2 views x T/2 samples; the stem is
   solo-learn's CIFAR one by default: 3x3 stride-1 ``conv1`` with padding 2, no max-pool, ``fc``
-  removed, 32x32 inputs; ``--stem imagenet`` keeps the 7x7 stem and uses 224x224 inputs);
-* ``mlp``: solo-learn's SimCLR projector ``Linear(512, 2048)-ReLU-Linear(2048, 256)``;
+  removed, 32x32 inputs; ``--stem imagenet`` keeps the 7x7 stem and uses 224x224 inputs;
+  ``--image-size 32`` with it is the authors' CIFAR setting and the CPU studies');
+* ``mlp``: solo-learn's SimCLR projector ``Linear(512, 2048)-ReLU-Linear(2048, 256)`` (the
+  widths: ``--hidden-dim``, ``--out-dim``; ``512 128`` is ``cifar10_quick``'s);
 * ``transformer[preset]``: ``build_projector("transformer", 512, 2048, 256, preset=...)`` with
   ``num_views=2`` and no attention maps (SDPA), and, for contrast, ``...+maps`` with
   ``return_attention=True``, which materialises the ``(heads, T, T)`` maps of every layer;
@@ -79,7 +81,7 @@ from solo_deepfusion.heads.cost import (
 )
 from solo_deepfusion.hub.backbones import build_resnet
 
-IN_DIM, HIDDEN_DIM, OUT_DIM, NUM_VIEWS = 512, 2048, 256, 2
+IN_DIM, NUM_VIEWS = 512, 2
 CPU_RESNET_MAX_BATCH = 256
 CPU_MAPS_MAX_TOKENS = 1024
 MB = 1024**2
@@ -165,6 +167,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         f"(default {CPU_MAPS_MAX_TOKENS} on CPU, no limit on CUDA; 0 = skip them)",
     )
     p.add_argument("--stem", default="cifar", choices=["cifar", "imagenet"])
+    p.add_argument("--image-size", type=int, help="ResNet input size (default: the stem's own)")
+    p.add_argument(
+        "--hidden-dim", type=int, default=2048, help="the recipe's proj_hidden_dim (mlp's width)"
+    )
+    p.add_argument("--out-dim", type=int, default=256, help="the recipe's proj_output_dim")
     p.add_argument("--skip-resnet", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -193,9 +200,14 @@ def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextMana
     return contextlib.nullcontext()
 
 
-def resnet18(stem: str) -> tuple[nn.Module, int]:
+def input_size(stem: str, size: int | None = None) -> int:
+    """The ResNet input: ``size`` px, else the stem's own (224 ``imagenet``, 32 ``cifar``)."""
+    return size or (224 if stem == "imagenet" else 32)
+
+
+def resnet18(stem: str, size: int | None = None) -> tuple[nn.Module, int]:
     """solo-learn's ResNet-18 backbone (512-d features) and its input size."""
-    return build_resnet("resnet18", stem), 224 if stem == "imagenet" else 32
+    return build_resnet("resnet18", stem), input_size(stem, size)
 
 
 def head_flops(head: nn.Module, tokens: int) -> int:
@@ -233,7 +245,7 @@ def bench_resnet(
     cap = args.resnet_max_batch
     run = min(images, cap) if cap else images
     if run not in cache:
-        model, size = resnet18(args.stem)
+        model, size = resnet18(args.stem, args.image_size)
         model = model.to(device).train()
         x = torch.randn(run, 3, size, size, device=device, requires_grad=False)
         ms, ms_min, mem = measure(model, lambda: model(x), x, args, device)
@@ -312,17 +324,18 @@ def bench_tokens(
         return row
 
     resnet = None if args.skip_resnet else add(bench_resnet(tokens, args, device, cache))
-    mlp_head = build_projector("mlp", IN_DIM, HIDDEN_DIM, OUT_DIM)
+    dims = IN_DIM, args.hidden_dim, args.out_dim
+    mlp_head = build_projector("mlp", *dims)
     mlp = add(bench_head("mlp", mlp_head, tokens, args, device))
     for preset in args.presets:
-        head = build_projector("transformer", IN_DIM, HIDDEN_DIM, OUT_DIM, preset=preset)
+        head = build_projector("transformer", *dims, preset=preset)
         name = f"transformer[{preset}]"
         add(bench_head(name, head, tokens, args, device))
         if args.maps_max_tokens and tokens <= args.maps_max_tokens:
             add(bench_head(name, head, tokens, args, device, maps=True))
         del head
     for spec in args.heads:
-        head = build_projector(spec.name, IN_DIM, HIDDEN_DIM, OUT_DIM, **spec.fields)
+        head = build_projector(spec.name, *dims, **spec.fields)
         add(bench_head(spec.label, head, tokens, args, device))
         del head
     for row in rows:
@@ -368,6 +381,7 @@ def header(args: argparse.Namespace, device: torch.device) -> str:
         f"{' (autocast)' if args.dtype == 'bfloat16' else ''}, torch {torch.__version__}, "
         f"torchvision {torchvision.__version__}, threads={torch.get_num_threads()}, "
         f"repeats={args.repeats} (median), warmup={args.warmup}, stem={args.stem}, "
+        f"image size {input_size(args.stem, args.image_size)}, "
         f"load average {load_average()}"
     )
 
