@@ -403,6 +403,27 @@ def table_row(r: dict) -> str:
     )
 
 
+def _class_bias_table(rows: list[dict]) -> list[str]:
+    """The loss change of a class bias minus that of random groups, by bias: what the class
+    adds to a push that makes any attention sparser."""
+    rows = [r for r in rows if r.get("class_bias_loss")]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "Δ loss of the class bias minus that of the random groups' bias, by bias β (positive: "
+        "the loss penalises attention to the query's class beyond any sparser attention):",
+        "",
+        "| arm | " + " | ".join(f"β = {b:g}" for b in CLASS_BIASES) + " |",
+        "|---|" + "---|" * len(CLASS_BIASES),
+    ]
+    for r in rows:
+        deltas = r["class_bias_loss"]
+        diff = [c - g for c, g in zip(deltas["class"], deltas["random"], strict=True)]
+        lines.append(f"| `{r['arm']}` | " + " | ".join(f"{d:+.3f}" for d in diff) + " |")
+    return lines
+
+
 def _minutes(r: dict) -> str:
     return f"{r['seconds'] / 60:.0f}" if "seconds" in r else "–"
 
@@ -482,6 +503,7 @@ def report(rows: list[dict], verdict: str = "") -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [table_row(newest[name]) for name in order]
+    lines += _class_bias_table([newest[name] for name in order])
     lines += ["", "Arms (the head's fields, and recipe overrides):", ""]
     for name in order:
         r = newest[name]
