@@ -80,20 +80,41 @@ def _report_table(report: str) -> dict[str, dict[str, str]]:
     return rows
 
 
-#: A README head name -> what its label in a report contains.
-ARMS = {"stable_bn": "output_norm=batch", "stable_centred": "centred_attention=true"}
+#: A README head -> its projector label in the linked report, and in the step-time table.
+DEFAULT = "lr_scale=0.1,mask=positives,norm=pre,output_norm=batch,preset=paper"
+HEADS = {
+    "`mlp` + output BatchNorm": ("mlp:output_norm=batch", "mlp:output_norm=batch"),
+    "`residual_mlp`": ("residual_mlp:lr_scale=0.1", "residual_mlp"),
+    "transformer, no mixing": (
+        f"transformer:{DEFAULT.replace('mask=positives', 'mask=positives,mixing=none')}",
+        "transformer:mixing=none",
+    ),
+    "transformer, uniform mixing": (
+        f"transformer:{DEFAULT.replace('mask=positives', 'mask=positives,mixing=mean')}",
+        "transformer:mixing=mean",
+    ),
+    "transformer (default)": (f"transformer:{DEFAULT}", "transformer"),
+    "transformer, cosine q = k": (
+        f"transformer:attention_logits=cosine,{DEFAULT},qk_init=tied",
+        "transformer:attention_logits=cosine,qk_init=tied",
+    ),
+}
+
+
+def _step_ratios() -> dict[str, str]:
+    """benchmarks/cpu/step_time.md's summary: head label -> step × mlp."""
+    text = (ROOT / "benchmarks" / "cpu" / "step_time.md").read_text()
+    rows = _table(text[text.index("| head | params | step × `mlp` |") :])
+    return {head.split("`")[1]: ratio for head, _, ratio in rows}
 
 
 @pytest.mark.parametrize("row", _table(_section("Which head to use")), ids=lambda r: r[0])
-def test_recommendations_quote_their_report(row: list[str]) -> None:
-    _, use, offline, cached, params, ratio, link = row
-    report = (ROOT / re.search(r"\((benchmarks/\w+/report\.md)\)", link)[1]).read_text()
-    for delta in (offline, cached):  # the paired Δ and its interval, as the report prints them
+def test_recommendations_quote_their_reports(row: list[str]) -> None:
+    head, _, cached, offline, params, ratio, link = row
+    label, step_label = HEADS[head]
+    report = (ROOT / re.search(r"\((benchmarks/[\w/]+/report\.md)\)", link)[1]).read_text()
+    for delta in (cached, offline):  # the paired Δ and its interval, as the report prints them
         assert delta.replace("**", "") in report.replace("**", "")
-    arms = _report_table(report)
-    head = re.search(r"`(stable_\w+)`", use)
-    label = next(name for name in arms if ARMS[head[1]] in name)
-    arm, mlp = arms[label], arms["mlp"]
-    assert params == f"{arm['head params']} ({mlp['head params']})"
-    seconds = [float(r["time/epoch"].removesuffix(" s")) for r in (arm, mlp)]
-    assert float(ratio) == round(seconds[0] / seconds[1], 2)
+    arm = _report_table(report)[label]
+    assert arm["seeds"] == "6" and params == arm["head params"]
+    assert ratio == _step_ratios()[step_label]
