@@ -65,10 +65,15 @@ ARMS = (
         "transformer:lr_scale=0.1,preset=stable_bn",
         "simclr-deepfusion-r18-cifar10-gpu",
     ),
-    # The strongest control of the attention study: the default with fixed uniform mixing.
-    Arm("mixing_mean", "transformer:lr_scale=0.1,mixing=mean,preset=stable_bn"),
-    # ... and with no mixing at all: every token sees only itself.
-    Arm("mixing_none", "transformer:lr_scale=0.1,mixing=none,preset=stable_bn"),
+    # The regime whose attention is class-aware end to end at CPU scale: q = k, cosine logits
+    # with a learnable per-head scale (benchmarks/regimes/confirm).
+    Arm(
+        "cosine_tied",
+        "transformer:attention_logits=cosine,lr_scale=0.1,preset=stable_bn,qk_init=tied",
+    ),
+    # Half of the default's gain at CPU scale, at no cost: the stock MLP with an output
+    # BatchNorm (benchmarks/controls). The mixing controls ran on the first session's H200.
+    Arm("mlp_bn", "mlp:output_norm=batch"),
 )
 
 
