@@ -46,7 +46,15 @@ def test_pretrain_help_shows_the_product_without_the_host() -> None:
     assert out.stderr == ""
     first = out.stdout.splitlines()[0]
     assert first.startswith("usage: solo-deepfusion pretrain") and "--projector" in first
-    for words in ("stable_bn", "stable_centred", "paper", "small", "mlp_matched", "key=value"):
+    for words in (
+        "cosine_tied",
+        "stable_bn",
+        "stable_centred",
+        "paper",
+        "small",
+        "mlp_matched",
+        "key=value",
+    ):
         assert words in out.stdout
     assert out.stdout.count("solo-deepfusion pretrain --") + out.stdout.count("pretrain \\") >= 2
 

@@ -38,10 +38,10 @@ def test_epochs_fill_the_time_left_after_overheads(session):
 def test_the_control_arm_runs_only_when_every_arm_gets_enough_epochs(session):
     scale = session.SCALES["full"]
     arms, epochs = session.choose_arms(1000, 5.0, scale)  # (850 - 30 - 240) / 20
-    assert [a.label for a in arms] == ["mlp", "default", "cosine_tied", "mlp_bn"]
+    assert [a.label for a in arms] == ["mlp", "default", "stable_bn", "mlp_bn"]
     assert epochs == 29
     arms, epochs = session.choose_arms(550, 5.0, scale)  # 4 arms: 9 epochs; 3: (467.5-210)/15
-    assert [a.label for a in arms] == ["mlp", "default", "cosine_tied"] and epochs == 17
+    assert [a.label for a in arms] == ["mlp", "default", "stable_bn"] and epochs == 17
     arms, epochs = session.choose_arms(540, 10.0, scale)  # 3 arms: 8 epochs; 2: 15
     assert [a.label for a in arms] == ["mlp", "default"] and epochs == 15
     arms, epochs = session.choose_arms(400, 10.0, scale)  # 2 arms: 9, under min_epochs
@@ -65,7 +65,7 @@ def test_the_plan_is_sized_by_the_slowest_arm_and_kept_for_a_second_call(session
         state, throughput({"mlp": 20_000, "default": 10_000}), 540, scale, "H200"
     )
     assert plan["images_per_s"] == 10_000 and plan["epochs"] == 15  # (459-30-180)/(3*5.5)
-    assert plan["arms"] == ["mlp", "default", "cosine_tied"]
+    assert plan["arms"] == ["mlp", "default", "stable_bn"]
     assert (tmp_path / "plan.json").is_file()
     # A second call (resuming after the 10-minute limit) finds the plan, whatever time is left.
     again = session.plan_session(

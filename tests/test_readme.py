@@ -81,22 +81,22 @@ def _report_table(report: str) -> dict[str, dict[str, str]]:
 
 
 #: A README head -> its projector label in the linked report, and in the step-time table.
-DEFAULT = "lr_scale=0.1,mask=positives,norm=pre,output_norm=batch,preset=paper"
+STABLE_BN = "lr_scale=0.1,mask=positives,norm=pre,output_norm=batch,preset=paper"
 HEADS = {
     "`mlp` + output BatchNorm": ("mlp:output_norm=batch", "mlp:output_norm=batch"),
     "`residual_mlp`": ("residual_mlp:lr_scale=0.1", "residual_mlp"),
-    "transformer, no mixing": (
-        f"transformer:{DEFAULT.replace('mask=positives', 'mask=positives,mixing=none')}",
-        "transformer:mixing=none",
+    "`stable_bn`, no mixing": (
+        f"transformer:{STABLE_BN.replace('mask=positives', 'mask=positives,mixing=none')}",
+        "transformer:preset=stable_bn,mixing=none",
     ),
-    "transformer, uniform mixing": (
-        f"transformer:{DEFAULT.replace('mask=positives', 'mask=positives,mixing=mean')}",
-        "transformer:mixing=mean",
+    "`stable_bn`, uniform mixing": (
+        f"transformer:{STABLE_BN.replace('mask=positives', 'mask=positives,mixing=mean')}",
+        "transformer:preset=stable_bn,mixing=mean",
     ),
-    "transformer (default)": (f"transformer:{DEFAULT}", "transformer"),
-    "transformer, cosine q = k": (
-        f"transformer:attention_logits=cosine,{DEFAULT},qk_init=tied",
-        "transformer:attention_logits=cosine,qk_init=tied",
+    "`stable_bn` (0.4.0's default)": (f"transformer:{STABLE_BN}", "transformer:preset=stable_bn"),
+    "transformer (default, `cosine_tied`)": (
+        f"transformer:attention_logits=cosine,{STABLE_BN},qk_init=tied",
+        "transformer",
     ),
 }
 

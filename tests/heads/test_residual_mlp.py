@@ -125,12 +125,12 @@ def test_is_the_no_mixing_control_without_its_attention_branch():
         )
 
 
-def test_parameter_count_is_the_default_transformers_less_its_attention():
-    """Per block the transformer also has qkv (dim -> 3 dim) and proj (dim -> dim), with biases,
+def test_parameter_count_is_the_stable_bn_transformers_less_its_attention():
+    """Per block ``stable_bn`` also has qkv (dim -> 3 dim) and proj (dim -> dim), with biases,
     and a second LayerNorm: 4 dim^2 + 4 dim + 2 dim parameters that this head does not."""
     in_dim, out_dim = 512, 256
     head = build_projector("residual_mlp", in_dim, 2048, out_dim)
-    transformer = build_projector("transformer", in_dim, 2048, out_dim)
+    transformer = build_projector("transformer", in_dim, 2048, out_dim, preset="stable_bn")
     d, depth, f = transformer.dim, len(transformer.blocks), 1024
     block = 2 * d + (d * f + f) + (f * d + d)  # LayerNorm, FFN
     formula = in_dim * d + d + depth * block + 2 * d + d * out_dim + out_dim

@@ -329,10 +329,10 @@ def test_projector_specs(bench):
     ]
     # a cell spells out the defaults in force, so a record keeps its meaning when they change
     bare = spec(bench, "transformer")
-    assert bare.under("simclr").label == "transformer:lr_scale=0.1,preset=stable_bn"
+    assert bare.under("simclr").label == "transformer:lr_scale=0.1,preset=cosine_tied"
     assert bare.under("vicreg").label == "transformer:lr_scale=0.1,preset=stable_centred"
     assert spec(bench, "mlp_matched").under("byol").label == (
-        "mlp_matched:lr_scale=1,preset=stable_bn"
+        "mlp_matched:lr_scale=1,preset=cosine_tied"
     )
     given = spec(bench, "transformer:lr_scale=1,preset=paper")
     assert given.under("vicreg") == given

@@ -128,13 +128,13 @@ def test_projector_group_and_its_overrides():
     )
 
 
-def test_projector_transformer_alone_is_the_stable_bn_preset_at_a_tenth_of_the_lr():
+def test_projector_transformer_alone_is_the_cosine_tied_preset_at_a_tenth_of_the_lr():
     cfg = launch.pretrain_config(["--config-name", "cifar10_quick", "--projector", "transformer"])
     assert cfg.method == "simclr_transformer"
-    assert (cfg.projector.preset, cfg.projector.lr_scale) == ("stable_bn", 0.1)
+    assert (cfg.projector.preset, cfg.projector.lr_scale) == ("cosine_tied", 0.1)
     assert cfg.projector.norm is None and cfg.projector.output_norm is None  # the preset's
     twin = launch.pretrain_config(["--config-name", "cifar10_quick", "--projector", "mlp_matched"])
-    assert (twin.projector.preset, twin.projector.get("lr_scale")) == ("stable_bn", None)
+    assert (twin.projector.preset, twin.projector.get("lr_scale")) == ("cosine_tied", None)
 
 
 def test_projector_residual_mlp_is_the_default_trunk_at_a_tenth_of_the_lr():

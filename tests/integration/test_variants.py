@@ -231,7 +231,7 @@ def test_the_default_preset_is_the_methods(projector):
         )
         return cfg.projector.preset
 
-    assert preset("simclr") == preset("byol") == "stable_bn"
+    assert preset("simclr") == preset("byol") == "cosine_tied"
     # an output BatchNorm would meet VICReg's variance term: its head removes the shared
     # direction where it arises
     assert preset("vicreg") == "stable_centred"
