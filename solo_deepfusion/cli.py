@@ -87,7 +87,9 @@ def _projector_lines() -> str:
     """The registered heads and the transformer's presets (imports torch, not solo-learn)."""
     from solo_deepfusion.heads import DEFAULT_PRESET, PRESETS, list_projectors
 
-    presets = [f"{DEFAULT_PRESET} (the default; stable_centred under VICReg)"]
+    presets = [
+        f"{DEFAULT_PRESET} (the default; cosine_tied under SimCLR, stable_centred under VICReg)"
+    ]
     presets += [name for name in PRESETS if name != DEFAULT_PRESET]
     lines = [
         f"heads (--projector): {', '.join(list_projectors())}",

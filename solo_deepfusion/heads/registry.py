@@ -108,9 +108,9 @@ class TransformerHeadConfig:
 
 
 PRESETS: dict[str, TransformerHeadConfig] = {
-    # The default in 0.3.0-0.4.0: `stable` with its outputs centred over the batch, which beat
-    # `mlp` by 2-3 points on every linear and k-NN metric where `stable` was level
-    # (benchmarks/confirm).
+    # The default (but under SimCLR and VICReg: solo_deepfusion.solo.variants.METHOD_PRESETS):
+    # `stable` with its outputs centred over the batch, which beat `mlp` by 2-3 points on every
+    # linear and k-NN metric where `stable` was level (benchmarks/confirm).
     "stable_bn": TransformerHeadConfig(norm="pre", mask="positives", output_norm="batch"),
     # The authors' size, made to train under solo-learn's LARS recipes. Post-norm saturates its
     # first layer and collapses; pre-norm does not, and masking a sample's own other views was
@@ -124,11 +124,11 @@ PRESETS: dict[str, TransformerHeadConfig] = {
     "stable_centred": TransformerHeadConfig(
         norm="pre", mask="positives", input_norm="batch", centred_attention=True
     ),
-    # The default since 0.5.0: `stable_bn` with cosine attention logits (a learnable per-head
-    # scale, from 10) and k = q (k shares q's weights), so attention starts as a soft kNN over
-    # the tokens. The regime search's one whose attention prefers a query's class in every
-    # layer (last-layer fusion ratio 1.56 against 1.00), +0.6 [+0.1, +1.0] over `stable_bn` on
-    # cached features under SimCLR, 6 seeds (benchmarks/regimes).
+    # SimCLR's default since 0.5.0: `stable_bn` with cosine attention logits (a learnable
+    # per-head scale, from 10) and k = q (k shares q's weights), so attention starts as a soft
+    # kNN over the tokens. The regime search's one whose attention prefers a query's class in
+    # every layer (last-layer fusion ratio 1.56 against 1.00), +0.6 [+0.1, +1.0] over
+    # `stable_bn` on cached features under SimCLR, 6 seeds (benchmarks/regimes/confirm).
     "cosine_tied": TransformerHeadConfig(
         norm="pre", mask="positives", output_norm="batch", attention_logits="cosine", qk_init="tied"
     ),
@@ -138,7 +138,7 @@ PRESETS: dict[str, TransformerHeadConfig] = {
     "small": TransformerHeadConfig(dim=128, depth=4, heads=4, ffn_dim=512),
 }
 # A checkpoint records its preset by name, so a preset, once published, never changes.
-DEFAULT_PRESET = "cosine_tied"
+DEFAULT_PRESET = "stable_bn"
 
 
 def transformer_config(preset: str = DEFAULT_PRESET, **overrides: Any) -> TransformerHeadConfig:
@@ -268,7 +268,7 @@ MLPMatchedFields = dataclasses.make_dataclass(
 @dataclass(frozen=True)
 class ResidualMLPFields:
     """Every field of ``ResidualMLPProjector`` that a config may set; the defaults are the
-    default transformer's trunk (``cosine_tied``'s and ``stable_bn``'s)."""
+    default transformer's trunk (``stable_bn``'s and ``cosine_tied``'s)."""
 
     dim: int = 256
     depth: int = 10

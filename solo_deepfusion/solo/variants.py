@@ -94,11 +94,15 @@ def projector_defaults(projector: str) -> dict[str, Any]:
     }
 
 
-# Methods whose heads default to another preset than DEFAULT_PRESET. VICReg's variance term
-# reads the head's output: an output BatchNorm meets it by construction, and behind it the head
-# collapses (out_proj cosine 0.99999). `stable_centred` removes the shared direction at its
-# sources instead (benchmarks/stability).
-METHOD_PRESETS = {"vicreg": "stable_centred"}
+# Methods whose heads default to another preset than DEFAULT_PRESET, each where a committed
+# study says so:
+# - SimCLR: `cosine_tied`, class-aware attention in every layer and +0.6 [+0.1, +1.0] over
+#   `stable_bn` on cached features, 6 seeds (benchmarks/regimes/confirm). Under BYOL the same
+#   head lost to `stable_bn` (benchmarks/byol), so it is no default beyond what was measured.
+# - VICReg: its variance term reads the head's output: an output BatchNorm meets it by
+#   construction, and behind it the head collapses (out_proj cosine 0.99999). `stable_centred`
+#   removes the shared direction at its sources instead (benchmarks/stability).
+METHOD_PRESETS = {"simclr": "cosine_tied", "vicreg": "stable_centred"}
 
 
 def projector_group_node(projector: str) -> dict[str, Any]:

@@ -220,12 +220,11 @@ def test_published_presets_never_change(preset):
     assert dataclasses.asdict(PRESETS[preset]) == PUBLISHED_PRESETS[preset]
 
 
-def test_the_default_head_is_the_cosine_tied_preset():
-    assert DEFAULT_PRESET == "cosine_tied"
+def test_the_default_head_is_the_stable_bn_preset():
+    assert DEFAULT_PRESET == "stable_bn"
     head = build_projector("transformer", 512, 2048, 256)
     assert [b.pre_norm for b in head.blocks] == [True] * 10
     assert head.mask == "positives"
-    assert all(b.attn.tied and b.attn.logit_scale is not None for b in head.blocks)
     out = head(torch.randn(32, 512) + 5.0)  # in train mode: centred over the batch
     torch.testing.assert_close(out.mean(0), torch.zeros(256), rtol=0, atol=1e-4)
 

@@ -332,7 +332,7 @@ def test_projector_specs(bench):
     assert bare.under("simclr").label == "transformer:lr_scale=0.1,preset=cosine_tied"
     assert bare.under("vicreg").label == "transformer:lr_scale=0.1,preset=stable_centred"
     assert spec(bench, "mlp_matched").under("byol").label == (
-        "mlp_matched:lr_scale=1,preset=cosine_tied"
+        "mlp_matched:lr_scale=1,preset=stable_bn"
     )
     given = spec(bench, "transformer:lr_scale=1,preset=paper")
     assert given.under("vicreg") == given

@@ -231,7 +231,11 @@ def test_the_default_preset_is_the_methods(projector):
         )
         return cfg.projector.preset
 
-    assert preset("simclr") == preset("byol") == "cosine_tied"
+    assert preset("byol") == preset("mocov3") == "stable_bn"
+    # class-aware attention under SimCLR; not under BYOL
+    assert preset("simclr") == "cosine_tied"
+    head = build_model(method_cfg("simclr_transformer", name="transformer")).projector.head
+    assert all(b.attn.tied and b.attn.logit_scale is not None for b in head.blocks)
     # an output BatchNorm would meet VICReg's variance term: its head removes the shared
     # direction where it arises
     assert preset("vicreg") == "stable_centred"
