@@ -67,7 +67,7 @@ ARMS = (  # spelled out in full: `transformer` alone is whatever the default pre
     "transformer:centred_attention=true,lr_scale=0.1,mask=positives,norm=pre,preset=paper",
     # = `stable_centred` at lr_scale 0.1: the default under VICReg since 0.4.0
     "transformer:centred_attention=true,input_norm=batch,lr_scale=0.1,mask=positives,norm=pre,preset=paper",
-    # The regime search's head (benchmarks/regimes): cosine attention, q = k at init
+    # The regime search's head, `cosine_tied` (benchmarks/regimes): cosine attention, q = k
     "transformer:attention_logits=cosine,lr_scale=0.1,mask=positives,norm=pre,output_norm=batch,preset=paper,qk_init=tied",
     # ... and on `stable_centred`, for VICReg
     "transformer:attention_logits=cosine,centred_attention=true,input_norm=batch,lr_scale=0.1,mask=positives,norm=pre,preset=paper,qk_init=tied",

@@ -67,7 +67,7 @@ ARMS = (
         "transformer:lr_scale=0.1,preset=cosine_tied",
         "simclr-deepfusion-r18-cifar10-gpu",
     ),
-    # The default of 0.3.0-0.4.0, whose attention stayed uniform on the first session's H200.
+    # SimCLR's default in 0.3.0-0.4.0, whose attention stayed uniform on the first H200 session.
     Arm("stable_bn", "transformer:lr_scale=0.1,preset=stable_bn"),
     # Half of the default's gain at CPU scale, at no cost: the stock MLP with an output
     # BatchNorm (benchmarks/controls). The mixing controls ran on the first session's H200.
